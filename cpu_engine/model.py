@@ -1,0 +1,188 @@
+"""The Llama-family decoder forward pass in numpy: the generation math.
+
+One call runs a *ragged batch*: any mix of sequences, each contributing some new tokens (a whole
+prompt, a chunk of one, or the single token of a decode step). All token rows go through the dense
+layers together, so every weight matrix is read once per step however many sequences are active;
+only attention runs per sequence, against that sequence's own cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import numpy.typing as npt
+
+from cpu_engine.config import ModelConfig
+from cpu_engine.errors import CheckpointError
+from cpu_engine.kv_cache import SequenceKVCache
+from cpu_engine.rope import RotaryTable, inverse_frequencies
+from cpu_engine.safetensors_reader import load_checkpoint_tensors
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass
+class Segment:
+    """New tokens of one sequence in a forward step; they start at position `cache.length`."""
+
+    cache: SequenceKVCache
+    token_ids: IntArray
+
+
+@dataclass
+class _Layer:
+    input_norm: FloatArray
+    qkv: FloatArray  # [hidden, (heads + 2 * kv_heads) * head_dim]: q, k and v projections fused
+    qkv_bias: FloatArray | None
+    out: FloatArray  # [heads * head_dim, hidden]
+    post_norm: FloatArray
+    gate_up: FloatArray  # [hidden, 2 * intermediate]: gate and up projections fused
+    down: FloatArray  # [intermediate, hidden]
+
+
+def _rms_norm(x: FloatArray, weight: FloatArray, eps: float) -> FloatArray:
+    variance = np.mean(np.square(x), axis=-1, keepdims=True)
+    return cast(FloatArray, (x / np.sqrt(variance + np.float32(eps))) * weight)
+
+
+def _silu(x: FloatArray) -> FloatArray:
+    return cast(FloatArray, x / (np.float32(1) + np.exp(-x)))
+
+
+class LlamaModel:
+    """Weights in the layout the math wants, and the forward pass."""
+
+    def __init__(self, config: ModelConfig, tensors: dict[str, FloatArray]) -> None:
+        self.config = config
+        c = config
+        self.q_width = c.num_heads * c.head_dim
+        self.kv_width = c.num_kv_heads * c.head_dim
+        self.group = c.num_heads // c.num_kv_heads
+        self.scale = np.float32(1.0 / np.sqrt(c.head_dim))
+
+        def take(name: str) -> FloatArray:
+            if name not in tensors:
+                raise CheckpointError(f"checkpoint has no tensor {name!r}")
+            return tensors.pop(name)
+
+        self.embed = np.ascontiguousarray(take("model.embed_tokens.weight"))
+        if self.embed.shape != (c.vocab_size, c.hidden_size):
+            raise CheckpointError(f"embedding shape {self.embed.shape} disagrees with config.json")
+        self.layers: list[_Layer] = []
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            q, k, v = (take(p + f"self_attn.{n}_proj.weight") for n in "qkv")
+            bias = None
+            # Qwen2-style checkpoints carry q/k/v biases; their presence, not a config flag, decides.
+            if p + "self_attn.q_proj.bias" in tensors:
+                bias = np.concatenate([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            self.layers.append(
+                _Layer(
+                    input_norm=take(p + "input_layernorm.weight"),
+                    qkv=np.ascontiguousarray(np.concatenate([q, k, v]).T),
+                    qkv_bias=bias,
+                    out=np.ascontiguousarray(take(p + "self_attn.o_proj.weight").T),
+                    post_norm=take(p + "post_attention_layernorm.weight"),
+                    gate_up=np.ascontiguousarray(
+                        np.concatenate([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]).T
+                    ),
+                    down=np.ascontiguousarray(take(p + "mlp.down_proj.weight").T),
+                )
+            )
+        self.final_norm = take("model.norm.weight")
+        lm_head = tensors.pop("lm_head.weight", None)
+        if lm_head is None and not c.tie_word_embeddings:
+            raise CheckpointError("checkpoint has no lm_head.weight and does not tie word embeddings")
+        # [hidden, vocab]; a tied head is the embedding itself, read transposed (no copy).
+        self.lm_head = self.embed.T if lm_head is None else np.ascontiguousarray(lm_head.T)
+        inv_freq, attention_factor = inverse_frequencies(
+            c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings
+        )
+        self.rotary = RotaryTable(c.head_dim, inv_freq, attention_factor, c.max_position_embeddings)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: Path) -> LlamaModel:
+        config = ModelConfig.from_checkpoint(checkpoint_dir)
+        return cls(config, load_checkpoint_tensors(checkpoint_dir))
+
+    def forward(self, segments: list[Segment], wants_logits: list[bool] | None = None) -> FloatArray:
+        """Run the new tokens of every segment and extend their caches.
+
+        Returns the logits of each segment's last token [segments that want logits, vocab]; all by default.
+        """
+        c = self.config
+        lengths = [len(s.token_ids) for s in segments]
+        token_ids = np.concatenate([s.token_ids for s in segments])
+        positions = np.concatenate(
+            [
+                np.arange(s.cache.length, s.cache.length + n, dtype=np.int64)
+                for s, n in zip(segments, lengths, strict=True)
+            ]
+        )
+        for s, n in zip(segments, lengths, strict=True):
+            if s.cache.length + n > s.cache.capacity:
+                raise ValueError("segment exceeds its sequence's reserved cache")
+        x = self.embed[token_ids]
+        for index, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.input_norm, c.rms_norm_eps)
+            qkv = h @ layer.qkv
+            if layer.qkv_bias is not None:
+                qkv += layer.qkv_bias
+            q = qkv[:, : self.q_width].reshape(-1, c.num_heads, c.head_dim)
+            k = qkv[:, self.q_width : self.q_width + self.kv_width].reshape(-1, c.num_kv_heads, c.head_dim)
+            v = qkv[:, self.q_width + self.kv_width :].reshape(-1, c.num_kv_heads, c.head_dim)
+            q = self.rotary.apply(np.ascontiguousarray(q), positions)
+            q *= self.scale
+            k = self.rotary.apply(np.ascontiguousarray(k), positions)
+            attention = np.empty((len(token_ids), self.q_width), dtype=np.float32)
+            row = 0
+            for segment, n in zip(segments, lengths, strict=True):
+                rows = slice(row, row + n)
+                attention[rows] = self._attend(index, segment.cache, q[rows], k[rows], v[rows])
+                row += n
+            x = x + attention @ layer.out
+            h = _rms_norm(x, layer.post_norm, c.rms_norm_eps)
+            gate_up = h @ layer.gate_up
+            x = x + (_silu(gate_up[:, : c.intermediate_size]) * gate_up[:, c.intermediate_size :]) @ layer.down
+        for s, n in zip(segments, lengths, strict=True):
+            s.cache.length += n
+        last_rows = np.cumsum(lengths) - 1
+        if wants_logits is not None:
+            last_rows = last_rows[np.asarray(wants_logits, dtype=bool)]
+        hidden = _rms_norm(x[last_rows], self.final_norm, c.rms_norm_eps)
+        return cast(FloatArray, hidden @ self.lm_head)
+
+    def _attend(self, layer: int, cache: SequenceKVCache, q: FloatArray, k: FloatArray, v: FloatArray) -> FloatArray:
+        """Causal attention of n new query tokens (already scaled) over the sequence's cache plus themselves."""
+        n = q.shape[0]
+        start = cache.length
+        total = start + n
+        keys = cache.keys[layer]
+        values = cache.values[layer]
+        kv_heads, group, head_dim = self.config.num_kv_heads, self.group, self.config.head_dim
+        if n == 1:
+            # Decode: the hot path, kept to as few numpy calls as possible (views, no copies of K/V).
+            keys[:, start] = k[0]
+            values[:, start] = v[0]
+            scores = q[0].reshape(kv_heads, group, head_dim) @ keys[:, :total].transpose(0, 2, 1)
+        else:
+            keys[:, start:total] = k.transpose(1, 0, 2)
+            values[:, start:total] = v.transpose(1, 0, 2)
+            # Rows are (token, query head of the group) for each kv head: grouped-query attention, no K/V copies.
+            queries = (
+                q.reshape(n, kv_heads, group, head_dim).transpose(1, 0, 2, 3).reshape(kv_heads, n * group, head_dim)
+            )
+            scores = queries @ keys[:, :total].transpose(0, 2, 1)  # [kv_heads, n * group, total]
+            query_positions = start + np.arange(n).repeat(group)
+            scores[:, np.arange(total)[None, :] > query_positions[:, None]] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        # Normalise after multiplying by V: the divide then runs on [.., head_dim] instead of [.., total].
+        out = (scores @ values[:, :total]) / scores.sum(axis=-1, keepdims=True)
+        if n == 1:
+            return out.reshape(1, -1)  # type: ignore[no-any-return]
+        return out.reshape(kv_heads, n, group, head_dim).transpose(1, 0, 2, 3).reshape(n, -1)  # type: ignore[no-any-return]

@@ -1,0 +1,53 @@
+"""Read `.safetensors` files into float32 numpy arrays without torch.
+
+numpy has no bfloat16, and most published checkpoints store bfloat16, so the file format is read
+directly: an 8-byte little-endian header length, a JSON header, then raw tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from cpu_engine.errors import CheckpointError
+
+_NUMPY_DTYPES: dict[str, str] = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8", "I32": "<i4"}
+
+
+def _to_float32(raw: npt.NDArray[np.uint8], dtype: str, shape: list[int]) -> npt.NDArray[np.float32]:
+    if dtype == "BF16":
+        # bfloat16 is the upper half of a float32: widen by shifting into the high 16 bits.
+        widened = raw.view("<u2").astype(np.uint32) << 16
+        return widened.view(np.float32).reshape(shape)
+    if dtype not in _NUMPY_DTYPES:
+        raise CheckpointError(f"safetensors dtype {dtype} is not supported")
+    return raw.view(_NUMPY_DTYPES[dtype]).astype(np.float32).reshape(shape)
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, npt.NDArray[np.float32]]]:
+    """Yield (name, float32 array) for every tensor in one file."""
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    (header_len,) = struct.unpack("<Q", bytes(data[:8]))
+    header = json.loads(bytes(data[8 : 8 + header_len]))
+    base = 8 + header_len
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = entry["data_offsets"]
+        yield name, _to_float32(np.asarray(data[base + start : base + end]), entry["dtype"], entry["shape"])
+
+
+def load_checkpoint_tensors(checkpoint_dir: Path) -> dict[str, npt.NDArray[np.float32]]:
+    """All tensors of a checkpoint directory (single file or sharded)."""
+    files = sorted(checkpoint_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{checkpoint_dir}: no .safetensors weights")
+    tensors: dict[str, npt.NDArray[np.float32]] = {}
+    for file in files:
+        tensors.update(iter_safetensors(file))
+    return tensors
