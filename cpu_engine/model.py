@@ -36,17 +36,28 @@ class Segment:
 @dataclass
 class _Layer:
     input_norm: FloatArray
-    qkv: FloatArray  # [hidden, (heads + 2 * kv_heads) * head_dim]: q, k and v projections fused
+    # Weights keep the checkpoint's [out, in] layout; see _linear.
+    qkv: FloatArray  # [(heads + 2 * kv_heads) * head_dim, hidden]: q, k and v projections fused
     qkv_bias: FloatArray | None
-    out: FloatArray  # [heads * head_dim, hidden]
+    out: FloatArray  # [hidden, heads * head_dim]
     post_norm: FloatArray
-    gate_up: FloatArray  # [hidden, 2 * intermediate]: gate and up projections fused
-    down: FloatArray  # [intermediate, hidden]
+    gate_up: FloatArray  # [2 * intermediate, hidden]: gate and up projections fused
+    down: FloatArray  # [hidden, intermediate]
 
 
 def _rms_norm(x: FloatArray, weight: FloatArray, eps: float) -> FloatArray:
     variance = np.mean(np.square(x), axis=-1, keepdims=True)
     return cast(FloatArray, (x / np.sqrt(variance + np.float32(eps))) * weight)
+
+
+def _linear(x: FloatArray, weight: FloatArray) -> FloatArray:
+    """x [tokens, in] times weight [out, in] transposed: [tokens, out] (a transposed view, not a copy).
+
+    With the weight as the left operand, OpenBLAS measured up to 25% faster than `x @ weight.T` for
+    batched decode steps (4-16 rows) and no slower for one row; it also keeps the checkpoint's layout,
+    so loading needs no transposed copies.
+    """
+    return cast(FloatArray, (weight @ x.T).T)
 
 
 def _silu(x: FloatArray) -> FloatArray:
@@ -83,22 +94,20 @@ class LlamaModel:
             self.layers.append(
                 _Layer(
                     input_norm=take(p + "input_layernorm.weight"),
-                    qkv=np.ascontiguousarray(np.concatenate([q, k, v]).T),
+                    qkv=np.concatenate([q, k, v]),
                     qkv_bias=bias,
-                    out=np.ascontiguousarray(take(p + "self_attn.o_proj.weight").T),
+                    out=np.ascontiguousarray(take(p + "self_attn.o_proj.weight")),
                     post_norm=take(p + "post_attention_layernorm.weight"),
-                    gate_up=np.ascontiguousarray(
-                        np.concatenate([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]).T
-                    ),
-                    down=np.ascontiguousarray(take(p + "mlp.down_proj.weight").T),
+                    gate_up=np.concatenate([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+                    down=np.ascontiguousarray(take(p + "mlp.down_proj.weight")),
                 )
             )
         self.final_norm = take("model.norm.weight")
         lm_head = tensors.pop("lm_head.weight", None)
         if lm_head is None and not c.tie_word_embeddings:
             raise CheckpointError("checkpoint has no lm_head.weight and does not tie word embeddings")
-        # [hidden, vocab]; a tied head is the embedding itself, read transposed (no copy).
-        self.lm_head = self.embed.T if lm_head is None else np.ascontiguousarray(lm_head.T)
+        # [vocab, hidden]; a tied head is the embedding matrix itself.
+        self.lm_head = self.embed if lm_head is None else np.ascontiguousarray(lm_head)
         inv_freq, attention_factor = inverse_frequencies(
             c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings
         )
@@ -129,7 +138,7 @@ class LlamaModel:
         x = self.embed[token_ids]
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, c.rms_norm_eps)
-            qkv = h @ layer.qkv
+            qkv = np.ascontiguousarray(_linear(h, layer.qkv))
             if layer.qkv_bias is not None:
                 qkv += layer.qkv_bias
             q = qkv[:, : self.q_width].reshape(-1, c.num_heads, c.head_dim)
@@ -144,17 +153,17 @@ class LlamaModel:
                 rows = slice(row, row + n)
                 attention[rows] = self._attend(index, segment.cache, q[rows], k[rows], v[rows])
                 row += n
-            x = x + attention @ layer.out
+            x = x + _linear(attention, layer.out)
             h = _rms_norm(x, layer.post_norm, c.rms_norm_eps)
-            gate_up = h @ layer.gate_up
-            x = x + (_silu(gate_up[:, : c.intermediate_size]) * gate_up[:, c.intermediate_size :]) @ layer.down
+            gate_up = _linear(h, layer.gate_up)
+            x = x + _linear(_silu(gate_up[:, : c.intermediate_size]) * gate_up[:, c.intermediate_size :], layer.down)
         for s, n in zip(segments, lengths, strict=True):
             s.cache.length += n
         last_rows = np.cumsum(lengths) - 1
         if wants_logits is not None:
             last_rows = last_rows[np.asarray(wants_logits, dtype=bool)]
         hidden = _rms_norm(x[last_rows], self.final_norm, c.rms_norm_eps)
-        return cast(FloatArray, hidden @ self.lm_head)
+        return np.ascontiguousarray(_linear(hidden, self.lm_head))
 
     def _attend(self, layer: int, cache: SequenceKVCache, q: FloatArray, k: FloatArray, v: FloatArray) -> FloatArray:
         """Causal attention of n new query tokens (already scaled) over the sequence's cache plus themselves."""
