@@ -35,8 +35,10 @@ serve: checkpoint
 	@echo "The reference checkpoint is ready in .cache/checkpoints/smollm2-135m-instruct." >&2
 	@exit 1
 
+# Some machines pin OpenBLAS to an older kernel (OPENBLAS_CORETYPE) for old numpy builds; the
+# benchmark lets numpy pick the kernel for this CPU and prints which one it ran.
 bench-engine: checkpoint
-	$(BIN)/python benchmarks/bench_engine.py
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/bench_engine.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -78,6 +78,20 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"tokens_per_s": tokens_per_s, "peak_mib": peak_mib}))
 
 
+def blas_description() -> str:
+    """Which BLAS kernel numpy runs here: OPENBLAS_CORETYPE can pin an older one than the CPU supports."""
+    import numpy  # noqa: F401  (loads OpenBLAS so threadpoolctl can see it)
+    from threadpoolctl import threadpool_info
+
+    pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+    if not pools:
+        return "unknown BLAS"
+    pool = pools[0]
+    return (
+        f"{pool['internal_api']} {pool['version']} ({pool.get('architecture')} kernel, {pool['num_threads']} threads)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=None)
@@ -95,7 +109,7 @@ def main() -> None:
         return
 
     configs = [("transformers.generate", "transformers", 1), ("transformers.generate", "transformers", 16)]
-    configs += [("cpu_engine", "engine", b) for b in (1, 4, 16)]
+    configs += [("cpu_engine", "engine", b) for b in (1, 2, 4, 16)]
     rows = []
     for label, kind, batch in configs:
         command = [
@@ -116,7 +130,7 @@ def main() -> None:
     hf_single = next(r[2] for r in rows if r[0] == "transformers.generate" and r[1] == 1)
     ours_single = next(r[2] for r in rows if r[0] == "cpu_engine" and r[1] == 1)
     setup = f"greedy, {args.new_tokens} new tokens per sequence, best of {args.repeats}"
-    print(f"\nSmolLM2-135M-Instruct (float32), {setup}\n")
+    print(f"\nSmolLM2-135M-Instruct (float32), {setup}; numpy BLAS: {blas_description()}\n")
     print("| implementation | sequences | tokens/s | vs transformers 1 seq | vs cpu_engine 1 seq | peak RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, batch, tps, peak in rows:

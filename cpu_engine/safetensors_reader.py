@@ -26,7 +26,8 @@ def _to_float32(raw: npt.NDArray[np.uint8], dtype: str, shape: list[int]) -> npt
         return widened.view(np.float32).reshape(shape)
     if dtype not in _NUMPY_DTYPES:
         raise CheckpointError(f"safetensors dtype {dtype} is not supported")
-    return raw.view(_NUMPY_DTYPES[dtype]).astype(np.float32).reshape(shape)
+    # float32 stays a read-only view of the mapped file: no copy, and pages shared between processes.
+    return raw.view(_NUMPY_DTYPES[dtype]).astype(np.float32, copy=False).reshape(shape)
 
 
 def iter_safetensors(path: Path) -> Iterator[tuple[str, npt.NDArray[np.float32]]]:

@@ -119,3 +119,13 @@ def test_rope_frequencies_match_transformers(scaling: dict[str, object] | None) 
         expected = inv.numpy()
     np.testing.assert_allclose(ours, expected, rtol=1e-5)
     assert our_factor == pytest.approx(their_factor)
+
+
+def test_linear_gives_the_matrix_product_for_any_number_of_rows() -> None:
+    from cpu_engine.model import _linear
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((48, 32)).astype(np.float32)
+    for rows in (1, 2, 3, 16):
+        x = rng.standard_normal((rows, 32)).astype(np.float32)
+        np.testing.assert_allclose(_linear(x, weight), x @ weight.T, rtol=1e-5, atol=1e-5)
