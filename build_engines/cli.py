@@ -24,6 +24,14 @@ def _tiny(args: argparse.Namespace) -> Path:
     return write_tiny_checkpoint(args.out, TokenizerStyle(args.style), seed=args.seed)
 
 
+def _repository(args: argparse.Namespace) -> Path:
+    from build_engines.repository import RepositorySettings, render_repository
+
+    if args.target != "cpu":
+        raise EngineError(f"target {args.target!r} is not available yet; available: cpu")
+    return render_repository(RepositorySettings(checkpoint_dir=str(args.checkpoint.resolve())), args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m build_engines", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--out", type=Path, required=True, metavar="DIR")
     tiny.set_defaults(run=_tiny)
+
+    repository = commands.add_parser("repository", help="render a Triton model repository for a checkpoint")
+    repository.add_argument("--checkpoint", type=Path, required=True, metavar="DIR")
+    repository.add_argument("--target", default="cpu", help="deployment target (cpu)")
+    repository.add_argument("--out", type=Path, required=True, metavar="REPO")
+    repository.set_defaults(run=_repository)
     return parser
 
 
@@ -47,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         out = args.run(args)
-    except EngineError as error:
+    except (EngineError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(out)

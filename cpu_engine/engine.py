@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from cpu_engine.errors import EngineOverloaded, RequestTooLarge
 from cpu_engine.kv_cache import KVTokenBudget, SequenceKVCache
@@ -177,7 +178,7 @@ class Engine:
             cache = SequenceKVCache(self.config, reserve)
             self.running[request.request_id] = Sequence(request, self.config.vocab_size, cache)
 
-    def _schedule(self) -> list[tuple[Sequence, np.ndarray]]:
+    def _schedule(self) -> list[tuple[Sequence, npt.NDArray[np.int64]]]:
         decoding = [s for s in self.running.values() if not s.in_prefill]
         prefilling = [s for s in self.running.values() if s.in_prefill]
         room = self.limits.max_num_tokens - len(decoding)
@@ -190,7 +191,7 @@ class Engine:
             room -= len(chunk)
         return scheduled
 
-    def _advance(self, seq: Sequence, logits: np.ndarray) -> TokenEvent:
+    def _advance(self, seq: Sequence, logits: npt.NDArray[np.float32]) -> TokenEvent:
         request = seq.request
         raw = logits.copy() if request.return_log_probs else logits
         seq.mask(logits)

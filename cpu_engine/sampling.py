@@ -110,7 +110,7 @@ class Sampler:
             order = np.argsort(-weights, kind="stable")
             cumulative = np.cumsum(weights[order]) / total
         keep = int(np.searchsorted(cumulative, top_p, side="left")) + 1
-        return candidates[order[:keep]]
+        return np.asarray(candidates[order[:keep]], dtype=np.int64)
 
 
 def log_softmax_at(logits: FloatArray, token_id: int) -> float:

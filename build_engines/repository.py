@@ -1,0 +1,104 @@
+"""Render a ready Triton model repository from the templates in `model_repository/`.
+
+One code path for every target: the CPU target names `cpu_llm` as the generation model, GPU targets name
+`tensorrt_llm` with an engine directory. Each rendered `config.pbtxt` must have every `${...}` variable
+filled and must parse with Triton's own protobuf schema, or rendering fails before anything is written
+where Triton would read it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import string
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from cpu_engine.errors import CheckpointError
+from model_repository import TEMPLATE_DIR
+from triton_models import tensors as t
+
+_UNFILLED = re.compile(r"\$\{[^}]*\}")
+
+
+class RenderError(ValueError):
+    """A template could not be rendered into a valid Triton config."""
+
+
+@dataclass(frozen=True)
+class RepositorySettings:
+    """Every template variable. Defaults are the CPU target's; GPU targets override the tensorrt_llm ones."""
+
+    checkpoint_dir: str
+    generation_model: str = t.CPU_LLM
+    triton_max_batch_size: int = 64
+    preprocessing_instance_count: int = 1
+    postprocessing_instance_count: int = 2
+    # cpu_llm: the engine's limits (cpu_engine.EngineLimits)
+    engine_max_batch_size: int = 16
+    max_kv_tokens: int = 65536
+    max_num_tokens: int = 512
+    max_queue_size: int = 256
+    exclude_input_in_output: bool = True
+    # tensorrt_llm
+    engine_dir: str = ""
+    decoupled_mode: bool = True
+    max_queue_delay_microseconds: int = 0
+    batch_scheduler_policy: str = "guaranteed_no_evict"
+    kv_cache_free_gpu_mem_fraction: float = 0.9
+    max_tokens_in_paged_kv_cache: int = 0
+    enable_chunked_context: bool = True
+    enable_kv_cache_reuse: bool = False
+    cancellation_check_period_ms: int = 100
+
+    def variables(self) -> dict[str, str]:
+        values = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in asdict(self).items()}
+        values["tokenizer_dir"] = self.checkpoint_dir
+        if self.max_tokens_in_paged_kv_cache == 0:
+            values["max_tokens_in_paged_kv_cache"] = ""  # empty: let TensorRT-LLM size it from the memory fraction
+        return values
+
+    def models(self) -> list[str]:
+        return [t.PREPROCESSING, self.generation_model, t.POSTPROCESSING, t.ENSEMBLE]
+
+
+def render_config(template: str, variables: dict[str, str], origin: str) -> str:
+    """The filled-in config text, checked against Triton's schema (comments are kept for operators)."""
+    try:
+        text = string.Template(template).substitute(variables)
+    except KeyError as missing:
+        raise RenderError(f"{origin}: no value for template variable {missing}") from missing
+    leftover = _UNFILLED.findall(text)
+    if leftover:
+        raise RenderError(f"{origin}: unfilled template variables {sorted(set(leftover))}")
+    try:
+        text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as error:
+        raise RenderError(f"{origin}: not a valid Triton model config: {error}") from error
+    return text
+
+
+def render_repository(settings: RepositorySettings, out_dir: Path, templates: Path = TEMPLATE_DIR) -> Path:
+    """Write the repository for these settings into out_dir (replacing what a previous render left there)."""
+    checkpoint = Path(settings.checkpoint_dir)
+    if not (checkpoint / "tokenizer.json").is_file():
+        raise CheckpointError(f"{checkpoint}: no tokenizer.json (is it a checkpoint directory?)")
+    if settings.generation_model == t.TENSORRT_LLM and not settings.engine_dir:
+        raise RenderError("the tensorrt_llm generation model needs an engine directory")
+    variables = settings.variables()
+    rendered = {}
+    for model in settings.models():
+        source = templates / model / "config.pbtxt"
+        rendered[model] = render_config(source.read_text(), variables, str(source.relative_to(templates)))
+    staging = out_dir.with_name(out_dir.name + ".rendering")
+    shutil.rmtree(staging, ignore_errors=True)
+    for model in settings.models():
+        shutil.copytree(templates / model, staging / model, ignore=shutil.ignore_patterns("__pycache__", ".keep"))
+        (staging / model / "config.pbtxt").write_text(rendered[model])
+        (staging / model / "1").mkdir(exist_ok=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    return out_dir

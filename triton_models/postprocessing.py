@@ -1,0 +1,51 @@
+"""Triton Python model `postprocessing`: this response's new token ids → their exact bytes, and counts.
+
+Stateless on purpose (it may run as several instances and sees one response at a time): each token
+maps to the bytes it adds to the text (see token_bytes.py), so the pieces of a stream concatenate to
+exactly the text of the same request without streaming. Consumers decode the bytes incrementally.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from triton_models import tensors as t
+from triton_models.token_bytes import TokenBytes
+from triton_models.triton_io import error_response, optional_tensor, pb_utils, required_tensor, tensor
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        parameters = json.loads(args["model_config"])["parameters"]
+        self.token_bytes = TokenBytes.from_file(Path(parameters["checkpoint_dir"]["string_value"]) / "tokenizer.json")
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        utils = pb_utils()
+        responses = []
+        for request in requests:
+            try:
+                tokens = required_tensor(request, t.POST_TOKENS_BATCH)  # [batch, beam, tokens]
+                lengths = optional_tensor(request, t.POST_SEQUENCE_LENGTH)  # [batch, beam]
+                ids = tokens[(0,) * (tokens.ndim - 1)]  # first request of the batch, first beam
+                if lengths is not None and lengths.size:
+                    ids = ids[: int(lengths.reshape(-1)[0])]
+                text = self.token_bytes.join([int(i) for i in ids])
+                outputs = [
+                    tensor(t.POST_OUTPUT, np.array([[text]], dtype=object)),
+                    tensor(t.POST_OUTPUT_TOKEN_COUNT, np.array([[len(ids)]], dtype=np.int32)),
+                ]
+                for source, target in (
+                    (t.POST_CUM_LOG_PROBS, t.POST_OUT_CUM_LOG_PROBS),
+                    (t.POST_OUTPUT_LOG_PROBS, t.POST_OUT_OUTPUT_LOG_PROBS),
+                ):
+                    value = optional_tensor(request, source)
+                    if value is not None:
+                        outputs.append(tensor(target, value.astype(np.float32)))
+                responses.append(utils.InferenceResponse(output_tensors=outputs))
+            except ValueError as error:
+                responses.append(error_response(str(error)))
+        return responses

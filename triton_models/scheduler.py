@@ -1,0 +1,168 @@
+"""The CPU generation model's scheduler thread: in-flight batching over the engine.
+
+Triton calls `execute()` with new requests; it hands them to this thread and returns at once (decoupled
+mode). The thread owns the engine: between forward steps it admits new requests, applies `stop`
+requests and client cancellations, then steps every active sequence together and streams each new
+token to its own response sender. Nothing here imports Triton: requests arrive as `ScheduledRequest`s
+whose callbacks the Triton glue provides, which keeps this testable and the glue thin.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cpu_engine import Engine, EngineError, FinishReason, GenerationRequest, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledRequest:
+    """A generation request plus how to answer it."""
+
+    generation: GenerationRequest
+    client_request_id: str  # the id the client gave Triton; `stop` requests name it
+    streaming: bool
+    prefix_ids: list[int]  # prompt ids echoed before the output when exclude_input_in_output is false
+    send: Callable[[list[int], list[float], float, bool], None]  # (tokens, log_probs, cum_log_prob, final)
+    send_error: Callable[[str], None]  # an error response that also ends the request
+    is_cancelled: Callable[[], bool]
+    prefix_sent: bool = False
+    tokens: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+    cum_log_prob: float = 0.0
+
+
+@dataclass
+class StopRequest:
+    client_request_id: str
+    acknowledge: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    active_sequences: int
+    queued_requests: int
+    kv_tokens_in_use: int
+    generated_tokens_total: int
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, on_step: Callable[[SchedulerStats], None] | None = None) -> None:
+        self.engine = engine
+        self._inbox: queue.Queue[ScheduledRequest | StopRequest | None] = queue.Queue()
+        self._active: dict[str, ScheduledRequest] = {}  # by engine request id
+        self._on_step = on_step
+        self._thread = threading.Thread(target=self._run, name="cpu-llm-scheduler", daemon=True)
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, item: ScheduledRequest | StopRequest) -> None:
+        self._inbox.put(item)
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self._stopping.set()
+        self._inbox.put(None)
+        self._thread.join(timeout_s)
+
+    # ---- the thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._admit(block=not self.engine.has_work())
+                if self.engine.has_work():
+                    self._cancel_abandoned()
+                    self._deliver(self.engine.step())
+                self._report()
+            except Exception:  # a bug must not silently kill the thread and hang every client
+                log.exception("scheduler step failed; failing the active requests")
+                self._fail_all("internal error in the CPU generation model")
+        self._fail_all("the model is shutting down")
+
+    def _admit(self, block: bool) -> None:
+        item = self._inbox.get() if block else self._get_nowait()
+        while item is not None:
+            if isinstance(item, StopRequest):
+                self._stop(item)
+            else:
+                self._start(item)
+            item = self._get_nowait()
+
+    def _get_nowait(self) -> ScheduledRequest | StopRequest | None:
+        try:
+            return self._inbox.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _start(self, request: ScheduledRequest) -> None:
+        try:
+            self.engine.submit(request.generation)
+        except (EngineError, ValueError) as error:
+            request.send_error(str(error))
+            return
+        self._active[request.generation.request_id] = request
+
+    def _stop(self, stop: StopRequest) -> None:
+        for engine_id, request in self._active.items():
+            if request.client_request_id == stop.client_request_id:
+                self.engine.cancel(engine_id)
+        stop.acknowledge()
+
+    def _cancel_abandoned(self) -> None:
+        for engine_id, request in self._active.items():
+            if request.is_cancelled():
+                self.engine.cancel(engine_id)
+
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        for event in events:
+            request = self._active.get(event.request_id)
+            if request is None:
+                continue
+            request.cum_log_prob += sum(event.log_probs)
+            if event.finished:
+                del self._active[event.request_id]
+            if request.streaming:
+                tokens = event.token_ids
+                if not request.prefix_sent:
+                    tokens, request.prefix_sent = request.prefix_ids + tokens, True
+                if tokens or event.finished:
+                    request.send(tokens, event.log_probs, request.cum_log_prob, event.finished)
+                continue
+            request.tokens.extend(event.token_ids)
+            request.log_probs.extend(event.log_probs)
+            if event.finished:
+                tokens = request.prefix_ids + request.tokens
+                request.send(tokens, request.log_probs, request.cum_log_prob, True)
+            if event.finish_reason is FinishReason.CANCELLED:
+                log.debug("request %s cancelled", request.client_request_id)
+
+    def _fail_all(self, message: str) -> None:
+        for engine_id, request in list(self._active.items()):
+            self.engine.cancel(engine_id)
+            try:
+                request.send_error(message)
+            except Exception:
+                log.exception("could not send the error response")
+        self._active.clear()
+        if self.engine.has_work():
+            self.engine.step()  # applies the cancellations and frees their caches
+
+    def _report(self) -> None:
+        if self._on_step is None:
+            return
+        stats = self.engine.stats()
+        self._on_step(
+            SchedulerStats(
+                active_sequences=stats.active_sequences,
+                queued_requests=stats.queued_requests,
+                kv_tokens_in_use=stats.kv_tokens_in_use,
+                generated_tokens_total=stats.generated_tokens_total,
+            )
+        )

@@ -1,0 +1,91 @@
+"""Every Triton model and tensor name of the repository, in one place.
+
+The names follow NVIDIA's TensorRT-LLM backend layout (`inflight_batcher_llm`), so tools written for
+it (Triton's `generate_stream`, genai-perf's TensorRT-LLM mode) work on ours. The `config.pbtxt`
+templates spell the same names; a test checks that the rendered configs and this module agree.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# ---- models --------------------------------------------------------------------------------------
+ENSEMBLE: Final = "ensemble"
+PREPROCESSING: Final = "preprocessing"
+POSTPROCESSING: Final = "postprocessing"
+TENSORRT_LLM: Final = "tensorrt_llm"  # the GPU generation model (TensorRT-LLM's C++ backend)
+CPU_LLM: Final = "cpu_llm"  # the CPU generation model: the same tensors as tensorrt_llm
+
+# ---- ensemble: what clients send and receive -----------------------------------------------------
+TEXT_INPUT: Final = "text_input"
+MAX_TOKENS: Final = "max_tokens"
+STREAM: Final = "stream"
+TEMPERATURE: Final = "temperature"
+TOP_K: Final = "top_k"
+TOP_P: Final = "top_p"
+PRESENCE_PENALTY: Final = "presence_penalty"
+FREQUENCY_PENALTY: Final = "frequency_penalty"
+REPETITION_PENALTY: Final = "repetition_penalty"
+MIN_TOKENS: Final = "min_tokens"
+SEED: Final = "seed"
+STOP_WORDS: Final = "stop_words"
+BAD_WORDS: Final = "bad_words"
+END_ID: Final = "end_id"
+PAD_ID: Final = "pad_id"
+RETURN_LOG_PROBS: Final = "return_log_probs"
+
+TEXT_OUTPUT: Final = "text_output"  # the bytes of this response's new tokens (decode UTF-8 incrementally)
+OUTPUT_TOKEN_COUNT: Final = "output_token_count"  # new tokens in this response, for usage
+CUM_LOG_PROBS: Final = "cum_log_probs"
+OUTPUT_LOG_PROBS: Final = "output_log_probs"
+
+# ---- generation model (tensorrt_llm and cpu_llm) -------------------------------------------------
+INPUT_IDS: Final = "input_ids"
+INPUT_LENGTHS: Final = "input_lengths"
+REQUEST_OUTPUT_LEN: Final = "request_output_len"
+GEN_END_ID: Final = "end_id"
+GEN_PAD_ID: Final = "pad_id"
+STOP_WORDS_LIST: Final = "stop_words_list"
+BAD_WORDS_LIST: Final = "bad_words_list"
+GEN_TEMPERATURE: Final = "temperature"
+RUNTIME_TOP_K: Final = "runtime_top_k"
+RUNTIME_TOP_P: Final = "runtime_top_p"
+GEN_PRESENCE_PENALTY: Final = "presence_penalty"
+GEN_FREQUENCY_PENALTY: Final = "frequency_penalty"
+GEN_REPETITION_PENALTY: Final = "repetition_penalty"
+# Renamed between TensorRT-LLM container releases (older: min_length, random_seed); we target the new names.
+GEN_MIN_TOKENS: Final = "min_tokens"
+GEN_SEED: Final = "seed"
+STREAMING: Final = "streaming"
+EXCLUDE_INPUT_IN_OUTPUT: Final = "exclude_input_in_output"
+GEN_RETURN_LOG_PROBS: Final = "return_log_probs"
+STOP: Final = "stop"
+
+OUTPUT_IDS: Final = "output_ids"
+SEQUENCE_LENGTH: Final = "sequence_length"
+GEN_CUM_LOG_PROBS: Final = "cum_log_probs"
+GEN_OUTPUT_LOG_PROBS: Final = "output_log_probs"
+
+# ---- preprocessing / postprocessing (NVIDIA's upper-case internal names) ------------------------
+PRE_QUERY: Final = "QUERY"
+PRE_REQUEST_OUTPUT_LEN: Final = "REQUEST_OUTPUT_LEN"
+PRE_STOP_WORDS_DICT: Final = "STOP_WORDS_DICT"
+PRE_BAD_WORDS_DICT: Final = "BAD_WORDS_DICT"
+PRE_END_ID: Final = "END_ID"
+PRE_PAD_ID: Final = "PAD_ID"
+PRE_INPUT_ID: Final = "INPUT_ID"
+PRE_REQUEST_INPUT_LEN: Final = "REQUEST_INPUT_LEN"
+PRE_STOP_WORDS_IDS: Final = "STOP_WORDS_IDS"
+PRE_BAD_WORDS_IDS: Final = "BAD_WORDS_IDS"
+PRE_OUT_END_ID: Final = "OUT_END_ID"
+PRE_OUT_PAD_ID: Final = "OUT_PAD_ID"
+PRE_OUT_REQUEST_OUTPUT_LEN: Final = "OUT_REQUEST_OUTPUT_LEN"
+
+POST_TOKENS_BATCH: Final = "TOKENS_BATCH"
+POST_SEQUENCE_LENGTH: Final = "SEQUENCE_LENGTH"
+POST_OUTPUT: Final = "OUTPUT"
+POST_OUTPUT_TOKEN_COUNT: Final = "OUTPUT_TOKEN_COUNT"
+POST_CUM_LOG_PROBS: Final = "CUM_LOG_PROBS"
+POST_OUTPUT_LOG_PROBS: Final = "OUTPUT_LOG_PROBS"
+POST_OUT_CUM_LOG_PROBS: Final = "OUT_CUM_LOG_PROBS"
+POST_OUT_OUTPUT_LOG_PROBS: Final = "OUT_OUTPUT_LOG_PROBS"
