@@ -36,7 +36,9 @@ class RepositorySettings:
     generation_model: str = t.CPU_LLM
     triton_max_batch_size: int = 64
     preprocessing_instance_count: int = 1
-    postprocessing_instance_count: int = 2
+    # Postprocessing is stateless, but Triton's ensemble forwards each response as soon as its
+    # postprocessing finishes: with two instances, streamed pieces were seen arriving out of order.
+    postprocessing_instance_count: int = 1
     # cpu_llm: the engine's limits (cpu_engine.EngineLimits)
     engine_max_batch_size: int = 16
     max_kv_tokens: int = 65536

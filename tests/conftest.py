@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from build_engines.reference_model import ensure_reference_checkpoint
 from build_engines.tiny_checkpoints import TokenizerStyle, write_tiny_checkpoint
+from build_engines.repository import RepositorySettings, render_repository
 from cpu_engine import Engine, EngineLimits
+from triton_models.launcher import EmbeddedTriton
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +33,26 @@ def reference_engine(reference_checkpoint: Path) -> Engine:
 @pytest.fixture(scope="session", params=list(TokenizerStyle), ids=lambda s: s.value)
 def tiny_style(request: pytest.FixtureRequest) -> TokenizerStyle:
     return request.param  # type: ignore[no-any-return]
+
+
+def _serve(checkpoint: Path, workdir: Path) -> EmbeddedTriton:
+    repository = render_repository(RepositorySettings(checkpoint_dir=str(checkpoint)), workdir / "repository")
+    return EmbeddedTriton(repository, log_path=workdir / "triton.log").start()
+
+
+@pytest.fixture(scope="session")
+def reference_triton(reference_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTriton]:
+    """A real Triton server on the rendered CPU repository of the reference model, once per test run."""
+    server = _serve(reference_checkpoint, tmp_path_factory.mktemp("triton-reference"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_tritons(
+    tiny_checkpoints: dict[TokenizerStyle, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[TokenizerStyle, EmbeddedTriton]]:
+    servers = {s: _serve(c, tmp_path_factory.mktemp(f"triton-{s.value}")) for s, c in tiny_checkpoints.items()}
+    yield servers
+    for server in servers.values():
+        server.stop()
