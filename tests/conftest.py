@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from build_engines.reference_model import ensure_reference_checkpoint
-from build_engines.tiny_checkpoints import TokenizerStyle, write_tiny_checkpoint
 from build_engines.repository import RepositorySettings, render_repository
+from build_engines.tiny_checkpoints import TokenizerStyle, write_tiny_checkpoint
 from cpu_engine import Engine, EngineLimits
 from triton_models.launcher import EmbeddedTriton
 
