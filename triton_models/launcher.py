@@ -219,7 +219,8 @@ class EmbeddedTriton:
             return f"Triton exited: a port is already in use ({taken.group(0)})"
         failed = re.findall(r"failed to load '([^']+)'", log)
         if failed:
-            return f"Triton exited: model(s) failed to load: {', '.join(dict.fromkeys(failed))}\n{_tail(log)}"
+            reasons = [line for line in log.splitlines() if "failed to load '" in line]
+            return f"Triton exited: model(s) failed to load: {', '.join(dict.fromkeys(failed))}\n" + "\n".join(reasons)
         return f"Triton exited with code {code}; last log lines:\n{_tail(log)}"
 
 
