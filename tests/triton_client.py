@@ -33,7 +33,8 @@ def ensemble_inputs(prompt: str, max_tokens: int, stream: bool, **options: Any) 
         infer_input(t.MAX_TOKENS, np.int32(max_tokens)),
         infer_input(t.STREAM, np.bool_(stream)),
     ]
-    kinds = {t.TEMPERATURE: np.float32, t.TOP_P: np.float32, t.TOP_K: np.int32, t.SEED: np.uint64}
+    kinds = {t.TOP_K: np.int32, t.MIN_TOKENS: np.int32, t.END_ID: np.int32, t.PAD_ID: np.int32, t.SEED: np.uint64}
+    kinds[t.RETURN_LOG_PROBS] = np.bool_
     for name, value in options.items():
         if name in (t.STOP_WORDS, t.BAD_WORDS):
             inputs.append(infer_input(name, np.array(value, dtype=object)))
