@@ -105,7 +105,7 @@ def main() -> None:
         rows.append((c, triton[c][0], direct[c], triton[c][0] / direct[c], triton[c][1]))
     setup = f"greedy, {args.new_tokens} tokens per stream, best of {args.repeats}; numpy BLAS: {blas_description()}"
     print(f"\nSmolLM2-135M-Instruct, {setup}\n")
-    print("| streams | via Triton (gRPC streaming) tokens/s | engine in-process tokens/s | ratio | TTFT via Triton ms |")
+    print("| streams | via Triton tokens/s | in-process tokens/s | ratio | TTFT via Triton ms |")
     print("|---:|---:|---:|---:|---:|")
     for c, via_triton, local, ratio, ttft in rows:
         print(f"| {c} | {via_triton:.1f} | {local:.1f} | {ratio:.2f}x | {ttft * 1000:.0f} |")
