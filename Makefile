@@ -30,10 +30,8 @@ test: lint typecheck
 checkpoint: $(STAMP)
 	$(BIN)/python -m build_engines checkpoint --reference --out .cache/checkpoints/smollm2-135m-instruct
 
-serve: checkpoint
-	@echo "The HTTP gateway and the embedded Triton server are not built yet (issues #3 and #4)." >&2
-	@echo "The reference checkpoint is ready in .cache/checkpoints/smollm2-135m-instruct." >&2
-	@exit 1
+serve: $(STAMP)
+	$(BIN)/python -m gateway embedded --host 127.0.0.1 --port 8080
 
 # Some machines pin OpenBLAS to an older kernel (OPENBLAS_CORETYPE) for old numpy builds; the
 # benchmark lets numpy pick the kernel for this CPU and prints which one it ran.

@@ -1,0 +1,73 @@
+"""`python -m gateway serve --config FILE` (production: an external Triton) or `python -m gateway embedded`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from gateway.app import init_app, start_site
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("gateway")
+
+
+async def _serve_until_signal(settings: GatewaySettings, banner: str) -> None:
+    runner = await start_site(init_app(settings), settings.host, settings.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(banner, flush=True)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = GatewaySettings.from_file(args.config)
+    banner = f"gateway on http://{settings.host}:{settings.port} serving {', '.join(m.id for m in settings.models)}"
+    asyncio.run(_serve_until_signal(settings, banner))
+    return 0
+
+
+def _embedded(args: argparse.Namespace) -> int:
+    from gateway.embedded import embedded_settings, prepare_embedded_triton
+
+    print("preparing the reference model and its Triton repository (cached after the first run)...", flush=True)
+    server, checkpoint = prepare_embedded_triton()
+    print(f"starting Triton (log: {server.log_path})...", flush=True)
+    with server:
+        settings = embedded_settings(server, checkpoint, args.host, args.port)
+        model = settings.models[0].id
+        url = f"http://{settings.host}:{settings.port}"
+        banner = (
+            f"\nserving {model} at {url} (Triton gRPC {server.grpc_url}); Ctrl-C stops both.\n"
+            f"open mode: no API keys are configured.\n\ntry:\n"
+            f"  curl -s {url}/v4/completions -H 'content-type: application/json' \\\n"
+            f'    -d \'{{"model": "{model}", "prompt": "<|im_start|>user\\nWhat is the capital of France?'
+            f'<|im_end|>\\n<|im_start|>assistant\\n", "model_parameters": {{"temperature": 0}}}}\'\n'
+        )
+        asyncio.run(_serve_until_signal(settings, banner))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve against the Triton endpoints of a config file")
+    serve.add_argument("--config", type=Path, required=True)
+    serve.set_defaults(run=_serve)
+    embedded = commands.add_parser("embedded", help="start the embedded Triton with the reference model, and serve")
+    embedded.add_argument("--host", default="127.0.0.1")
+    embedded.add_argument("--port", type=int, default=8080)
+    embedded.set_defaults(run=_embedded)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Every error the gateway answers with, and the JSON body they all share.
+
+    GatewayError (500 internal_error)
+    ├── InvalidRequest        400 invalid_request       a field is wrong (names it in `param`)
+    ├── AuthenticationFailed  401 authentication_error
+    ├── PermissionDenied      403 permission_denied
+    ├── ModelNotFound         404 not_found             unknown model id
+    ├── RouteNotFound         404 not_found             unknown path
+    ├── MethodNotAllowed      405 method_not_allowed
+    ├── PayloadTooLarge       413 payload_too_large
+    ├── RateLimited           429 rate_limited          (with Retry-After)
+    ├── InferenceFailed       502 upstream_error        Triton answered with an error
+    ├── UpstreamUnavailable   503 service_unavailable   Triton unreachable or the model not ready
+    └── DeadlineExceeded      504 timeout
+
+The error middleware renders any of them as
+`{"error": {"status", "type", "message", "param", "request_id"}}`; after an SSE stream has started the same
+body goes out as an `event: error`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self, request_id: str) -> dict[str, Any]:
+        return {
+            "error": {
+                "status": self.status,
+                "type": self.type,
+                "message": self.message,
+                "param": self.param,
+                "request_id": request_id,
+            }
+        }
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "authentication_error"
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_denied"
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    type = "not_found"
+
+
+class RouteNotFound(GatewayError):
+    status = 404
+    type = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "payload_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limited"
+
+
+class InferenceFailed(GatewayError):
+    status = 502
+    type = "upstream_error"
+
+
+class UpstreamUnavailable(GatewayError):
+    status = 503
+    type = "service_unavailable"
+
+
+class DeadlineExceeded(GatewayError):
+    status = 504
+    type = "timeout"

@@ -1,0 +1,14 @@
+"""The URL map."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway import views
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_post("/v4/completions", views.create_completion)
+    app.router.add_get("/v4/models", views.list_models)
+    app.router.add_get("/healthz", views.healthz)
+    app.router.add_get("/readyz", views.readyz)

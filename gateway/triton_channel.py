@@ -1,0 +1,95 @@
+"""One long-lived gRPC channel per Triton endpoint: streaming calls, readiness, and stop requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+
+import grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from gateway.errors import GatewayError, InferenceFailed, UpstreamUnavailable
+from gateway.triton_translation import Chunk, read_chunk, stop_request
+
+log = logging.getLogger(__name__)
+
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.keepalive_time_ms", 30_000),
+]
+
+
+class TritonEndpoint:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def model_ready(self, model: str, timeout_s: float) -> bool:
+        try:
+            reply = await self.stub.ModelReady(service_pb2.ModelReadyRequest(name=model), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.ready)
+
+    async def stream(self, request: service_pb2.ModelInferRequest) -> AsyncGenerator[Chunk, None]:
+        """Send one request on its own ModelStreamInfer call and yield its responses until the final one.
+
+        Leaving the iteration early (stop sequence, client gone, deadline) cancels the call.
+        """
+
+        async def requests() -> AsyncIterator[service_pb2.ModelInferRequest]:
+            yield request
+
+        call = self.stub.ModelStreamInfer(requests())
+        try:
+            async for message in call:
+                if message.error_message:
+                    raise _classify(message.error_message)
+                chunk = read_chunk(message.infer_response)
+                yield chunk
+                if chunk.final:
+                    return
+            raise UpstreamUnavailable("the inference server closed the stream before the final response")
+        except grpc.aio.AioRpcError as error:
+            raise _rpc_error(error, self.address) from error
+        finally:
+            call.cancel()
+
+    async def stop(self, generation_model: str, request_id: str, timeout_s: float) -> None:
+        """Ask the generation model to end request_id now; best effort (the call is already cancelled)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for _ in self.stream(stop_request(generation_model, request_id)):
+                    pass
+        except (GatewayError, TimeoutError) as error:
+            log.warning("stop request for %s was not acknowledged: %s", request_id, error)
+
+
+def _classify(message: str) -> GatewayError:
+    lowered = message.lower()
+    if "is not ready" in lowered or "unavailable" in lowered or "not healthy" in lowered or "unknown model" in lowered:
+        return UpstreamUnavailable(f"the model is not available: {message}")
+    return InferenceFailed(f"inference failed: {message}")
+
+
+def _rpc_error(error: grpc.aio.AioRpcError, address: str) -> GatewayError:
+    if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        return UpstreamUnavailable(f"the inference server at {address} is unavailable")
+    return _classify(error.details() or str(error.code()))
+
+
+@contextlib.asynccontextmanager
+async def open_endpoints(addresses: list[str]) -> AsyncIterator[dict[str, TritonEndpoint]]:
+    endpoints = {address: TritonEndpoint(address) for address in dict.fromkeys(addresses)}
+    try:
+        yield endpoints
+    finally:
+        for endpoint in endpoints.values():
+            await endpoint.close()

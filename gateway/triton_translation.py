@@ -1,0 +1,120 @@
+"""Where API requests become Triton tensors, and Triton responses become text chunks.
+
+A validated completion request turns into one `ModelInferRequest` for the ensemble (NVIDIA's input
+names); every `ModelStreamInfer` response turns into a `Chunk` of bytes. Non-streaming requests use the
+same streaming call: the gateway assembles the chunks.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from tritonclient.grpc import service_pb2
+
+from triton_models import tensors as t
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """Everything the ensemble needs for one completion, already validated and defaulted."""
+
+    prompt: str
+    prompt_tokens: int
+    max_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    presence_penalty: float
+    frequency_penalty: float
+    stop_sequences: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    data: bytes  # the exact bytes of this response's tokens (may end inside a UTF-8 character)
+    tokens: int
+    final: bool
+
+
+def _bytes_tensor(values: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+
+class _RequestBuilder:
+    def __init__(self, model: str, request_id: str) -> None:
+        self.request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+        # Without it an end of stream with no tokens would not reach us as a final response.
+        self.request.parameters["triton_enable_empty_final_response"].bool_param = True
+
+    def add(self, name: str, value: int | float | bool, dtype: str) -> None:
+        tensor = self.request.inputs.add(name=name, datatype=dtype, shape=[1, 1])
+        del tensor
+        numpy_type = {"INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_, "UINT64": np.uint64}[dtype]
+        self.request.raw_input_contents.append(np.array([value], dtype=numpy_type).tobytes())
+
+    def add_bytes(self, name: str, values: list[bytes]) -> None:
+        self.request.inputs.add(name=name, datatype="BYTES", shape=[1, len(values)])
+        self.request.raw_input_contents.append(_bytes_tensor(values))
+
+    def add_int32_array(self, name: str, values: list[int]) -> None:
+        self.request.inputs.add(name=name, datatype="INT32", shape=[1, len(values)])
+        self.request.raw_input_contents.append(np.array(values, dtype=np.int32).tobytes())
+
+
+def ensemble_request(ensemble: str, request_id: str, plan: GenerationPlan) -> service_pb2.ModelInferRequest:
+    builder = _RequestBuilder(ensemble, request_id)
+    builder.add_bytes(t.TEXT_INPUT, [plan.prompt.encode("utf-8")])
+    builder.add(t.MAX_TOKENS, plan.max_tokens, "INT32")
+    builder.add(t.STREAM, True, "BOOL")
+    if plan.temperature == 0.0:
+        # Greedy, in the form TensorRT-LLM understands (it has no temperature 0): keep only the best token.
+        builder.add(t.TOP_K, 1, "INT32")
+        builder.add(t.TEMPERATURE, 1.0, "FP32")
+    else:
+        builder.add(t.TEMPERATURE, plan.temperature, "FP32")
+        if plan.top_k is not None:
+            builder.add(t.TOP_K, plan.top_k, "INT32")
+    if plan.top_p is not None:
+        builder.add(t.TOP_P, plan.top_p, "FP32")
+    if plan.presence_penalty:
+        builder.add(t.PRESENCE_PENALTY, plan.presence_penalty, "FP32")
+    if plan.frequency_penalty:
+        builder.add(t.FREQUENCY_PENALTY, plan.frequency_penalty, "FP32")
+    if plan.stop_sequences:
+        # The engine stops by itself where a stop word tokenizes cleanly; the gateway enforces it on text anyway.
+        builder.add_bytes(t.STOP_WORDS, [s.encode("utf-8") for s in plan.stop_sequences])
+    return builder.request
+
+
+def stop_request(generation_model: str, request_id: str) -> service_pb2.ModelInferRequest:
+    """TensorRT-LLM's way to end a running request: the same request id with `stop` set (dummy prompt)."""
+    builder = _RequestBuilder(generation_model, request_id)
+    builder.add_int32_array(t.INPUT_IDS, [0])
+    builder.add(t.INPUT_LENGTHS, 1, "INT32")
+    builder.add(t.REQUEST_OUTPUT_LEN, 1, "INT32")
+    builder.add(t.STOP, True, "BOOL")
+    return builder.request
+
+
+def read_chunk(response: service_pb2.ModelInferResponse) -> Chunk:
+    data = b""
+    tokens = 0
+    for index, output in enumerate(response.outputs):
+        if index >= len(response.raw_output_contents):
+            break
+        raw = response.raw_output_contents[index]
+        if output.name == t.TEXT_OUTPUT:
+            data = _first_bytes_element(raw)
+        elif output.name == t.OUTPUT_TOKEN_COUNT:
+            tokens = int(np.frombuffer(raw, dtype=np.int32).sum())
+    final = response.parameters["triton_final_response"].bool_param
+    return Chunk(data=data, tokens=tokens, final=final)
+
+
+def _first_bytes_element(raw: bytes) -> bytes:
+    if len(raw) < 4:
+        return b""
+    (length,) = struct.unpack_from("<I", raw, 0)
+    return raw[4 : 4 + length]
