@@ -18,10 +18,10 @@ class ModelParameters(BaseModel):
     model_config = _LENIENT_FIELDS_STRICT_TYPES
 
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = DEFAULT_TEMPERATURE
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    stop_sequences: Annotated[list[StrictStr], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
-    top_k: Annotated[int, Field(ge=0, alias="topK")] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0, alias="topP")] | None = None
+    max_tokens: Annotated[int | None, Field(ge=1)] = None
+    stop_sequences: Annotated[list[StrictStr] | None, Field(max_length=MAX_STOP_SEQUENCES)] = None
+    top_k: Annotated[int | None, Field(ge=0, alias="topK")] = None
+    top_p: Annotated[float | None, Field(gt=0.0, le=1.0, alias="topP")] = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
 

@@ -129,7 +129,12 @@ class EmbeddedTriton:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=self._environment(), start_new_session=True
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._environment(),
+                start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop the server in order
+                preexec_fn=_terminate_with_parent,
             )
         try:
             self._wait_until_ready()
@@ -222,6 +227,15 @@ class EmbeddedTriton:
             reasons = [line for line in log.splitlines() if "failed to load '" in line]
             return f"Triton exited: model(s) failed to load: {', '.join(dict.fromkeys(failed))}\n" + "\n".join(reasons)
         return f"Triton exited with code {code}; last log lines:\n{_tail(log)}"
+
+
+def _terminate_with_parent() -> None:
+    """In the child before exec: if the process that started the server dies, the server gets SIGTERM."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _http_ok(url: str) -> bool:

@@ -1,0 +1,74 @@
+"""A real gateway on a loopback port, in front of the session's real Triton server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from build_engines.reference_model import REFERENCE_MODEL_ID
+from cpu_engine import ModelConfig
+from gateway.app import init_app, start_site
+from gateway.settings import GatewaySettings, ModelEntry
+from triton_models import tensors as t
+from triton_models.launcher import EmbeddedTriton, free_port
+
+MODEL = REFERENCE_MODEL_ID
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    settings: GatewaySettings
+    loop: asyncio.AbstractEventLoop
+
+
+class GatewayThread:
+    """Runs the gateway's event loop in a thread, so sync clients (the SDK) and async ones can call it."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.runner: web.AppRunner | None = None
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> RunningGateway:
+        self.thread.start()
+        future = asyncio.run_coroutine_threadsafe(
+            start_site(init_app(self.settings), self.settings.host, self.settings.port), self.loop
+        )
+        self.runner = future.result(timeout=60)
+        return RunningGateway(f"http://{self.settings.host}:{self.settings.port}", self.settings, self.loop)
+
+    def __exit__(self, *_: object) -> None:
+        if self.runner is not None:
+            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def model_entry(checkpoint: Path, endpoint: str, model_id: str = MODEL) -> ModelEntry:
+    return ModelEntry(
+        id=model_id,
+        ensemble=t.ENSEMBLE,
+        generation_model=t.CPU_LLM,
+        tokenizer_dir=checkpoint,
+        context_length=ModelConfig.from_checkpoint(checkpoint).max_position_embeddings,
+        endpoints=[endpoint],
+    )
+
+
+def gateway_settings(models: list[ModelEntry], **overrides: object) -> GatewaySettings:
+    return GatewaySettings(host="127.0.0.1", port=free_port(), models=models, **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def gateway(reference_triton: EmbeddedTriton, reference_checkpoint: Path) -> Iterator[RunningGateway]:
+    settings = gateway_settings([model_entry(reference_checkpoint, reference_triton.grpc_url)], max_body_bytes=65536)
+    with GatewayThread(settings) as running:
+        yield running
