@@ -1,0 +1,237 @@
+"""The gateway over plain HTTP (aiohttp client): errors, concurrency, disconnects, health, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.gateway.conftest import MODEL, GatewayThread, RunningGateway, gateway_settings, model_entry
+from tests.prompts import SMOLLM_CHAT, VARIED_PROMPTS
+from tests.triton_client import metric_value
+from triton_models.launcher import EmbeddedTriton, free_port
+
+FRANCE = SMOLLM_CHAT.format("What is the capital of France?")
+
+
+async def _post(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
+    async with aiohttp.ClientSession() as session:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        async with session.post(f"{url}/v4/completions", data=data, headers=headers) as response:
+            return response.status, response.headers.copy(), await response.json(content_type=None)
+
+
+async def _stream_text(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    async with session.post(f"{url}/v4/completions", json={**body, "stream": True}) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        text, last = "", {}
+        async for line in response.content:
+            if line.startswith(b"data: "):
+                last = json.loads(line[len(b"data: ") :])
+                text += last["completion"]["text"]
+        return text, last
+
+
+def post(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
+    return asyncio.run(_post(url, body, headers))
+
+
+BAD_REQUESTS = [
+    (b"{not json", 400, "not valid JSON", None),
+    (b"[1, 2]", 400, "JSON object", None),
+    ({"prompt": "hi"}, 400, "model", "model"),
+    ({"model": MODEL}, 400, "prompt", "prompt"),
+    ({"model": MODEL, "prompt": ""}, 400, "prompt must not be empty", "prompt"),
+    ({"model": MODEL, "prompt": 5}, 400, "prompt", "prompt"),
+    ({"model": MODEL, "prompt": "hi", "stream": "yes"}, 400, "stream", "stream"),
+    ({"model": MODEL, "prompt": "hi", "model_parameters": {"temperature": "hot"}}, 400, "temperature", None),
+    ({"model": MODEL, "prompt": "hi", "model_parameters": {"temperature": 2.5}}, 400, "temperature", None),
+    ({"model": MODEL, "prompt": "hi", "model_parameters": {"max_tokens": 0}}, 400, "max_tokens", None),
+    ({"model": MODEL, "prompt": "hi", "model_parameters": {"topK": -1}}, 400, "topK", None),
+    ({"model": MODEL, "prompt": "hi", "model_parameters": {"top_p": 0}}, 400, "top_p", None),
+    ({"model": MODEL, "prompt": "hi", "model_parameters": {"frequency_penalty": 3}}, 400, "frequency_penalty", None),
+    ({"model": MODEL, "prompt": "hi", "model_parameters": {"presence_penalty": -3}}, 400, "presence_penalty", None),
+    ({"model": MODEL, "prompt": "hi", "model_parameters": {"stop_sequences": ["a"] * 5}}, 400, "stop_sequences", None),
+    ({"model": MODEL, "prompt": "hi", "model_parameters": {"stop_sequences": [""]}}, 400, "stop_sequences", None),
+    ({"model": MODEL, "prompt": "hi", "model_parameters": {"max_tokens": 9000}}, 400, "(1) + max_tokens (9000)", None),
+    ({"model": MODEL, "prompt": "hi", "images": [{"image_url": "data:,"}]}, 400, "does not accept images", "images"),
+    ({"model": "gpt-nope", "prompt": "hi"}, 404, "gpt-nope", "model"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "message", "param"), BAD_REQUESTS)
+def test_bad_input_gets_its_status_and_a_json_body_naming_the_problem(
+    gateway: RunningGateway, body: Any, status: int, message: str, param: str | None
+) -> None:
+    code, headers, payload = post(gateway.url, body, {"x-request-id": "client-id-7"})
+    assert code == status
+    error = payload["error"]
+    assert error["status"] == status and message in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    assert error["request_id"] == "client-id-7" == headers["x-request-id"]
+
+
+def test_over_the_context_names_both_numbers(gateway: RunningGateway) -> None:
+    # "hello " * 100 is 101 tokens: 100 words and the trailing space.
+    code, _, payload = post(
+        gateway.url, {"model": MODEL, "prompt": "hello " * 100, "model_parameters": {"max_tokens": 8100}}
+    )
+    assert code == 400
+    assert (
+        "prompt tokens (101) + max_tokens (8100) = 8201 exceeds the model's context length of 8192"
+        in payload["error"]["message"]
+    )
+
+
+def test_oversized_body_is_413(gateway: RunningGateway) -> None:
+    code, _, payload = post(gateway.url, {"model": MODEL, "prompt": "x" * 70000})
+    assert code == 413
+    assert payload["error"]["type"] == "payload_too_large"
+
+
+def test_unknown_route_and_method_are_json_errors(gateway: RunningGateway) -> None:
+    async def calls() -> tuple[int, Any, int, Any]:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{gateway.url}/v4/nothing") as missing:
+                first = (missing.status, await missing.json())
+            async with session.get(f"{gateway.url}/v4/completions") as wrong:
+                return (*first, wrong.status, await wrong.json())
+
+    missing_status, missing, wrong_status, wrong = asyncio.run(calls())
+    assert missing_status == 404 and missing["error"]["type"] == "not_found"
+    assert wrong_status == 405 and wrong["error"]["type"] == "method_not_allowed"
+
+
+def test_unknown_fields_are_ignored_and_request_ids_are_made(gateway: RunningGateway) -> None:
+    body = {
+        "model": MODEL,
+        "prompt": FRANCE,
+        "future_field": 1,
+        "model_parameters": {"temperature": 0, "max_tokens": 8, "reasoning_effort": "low"},
+    }
+    code, headers, payload = post(gateway.url, body)
+    assert code == 200
+    assert "Paris" in payload["completion"]["text"]
+    assert len(headers["x-request-id"]) == 32
+
+
+def test_gateway_stays_ready_after_bad_input(gateway: RunningGateway) -> None:
+    for body, *_ in BAD_REQUESTS:
+        post(gateway.url, body)
+
+    async def ready() -> tuple[int, Any, int]:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{gateway.url}/readyz") as response:
+                ready = (response.status, await response.json())
+            async with session.get(f"{gateway.url}/healthz") as health:
+                return (*ready, health.status)
+
+    status, body, health = asyncio.run(ready())
+    assert (status, body["models"], health) == (200, {MODEL: True}, 200)
+
+
+def test_models_are_listed(gateway: RunningGateway) -> None:
+    async def models() -> Any:
+        async with aiohttp.ClientSession() as session, session.get(f"{gateway.url}/v4/models") as response:
+            return await response.json()
+
+    listed = asyncio.run(models())
+    assert [m["id"] for m in listed["data"]] == [MODEL]
+    assert listed["data"][0]["context_length"] == 8192
+
+
+def test_thirty_two_concurrent_streams_each_get_their_own_answer(gateway: RunningGateway) -> None:
+    prompts = [f"{p} {i}" for i, p in enumerate((VARIED_PROMPTS * 4)[:32])]
+    parameters = {"temperature": 0, "max_tokens": 10}
+
+    async def run() -> tuple[list[str], list[str]]:
+        async with aiohttp.ClientSession() as session:
+            solo = [
+                await _stream_text(session, gateway.url, {"model": MODEL, "prompt": p, "model_parameters": parameters})
+                for p in prompts
+            ]
+            together = await asyncio.gather(
+                *(
+                    _stream_text(session, gateway.url, {"model": MODEL, "prompt": p, "model_parameters": parameters})
+                    for p in prompts
+                )
+            )
+        return [s[0] for s in solo], [t[0] for t in together]
+
+    solo, together = asyncio.run(run())
+    assert together == solo
+    assert len(set(solo)) > 16  # different prompts, different answers
+
+
+def test_a_client_that_disconnects_frees_the_engine(gateway: RunningGateway, reference_triton: EmbeddedTriton) -> None:
+    async def leave_early() -> int:
+        received = 0
+        async with aiohttp.ClientSession() as session:
+            body = {
+                "model": MODEL,
+                "prompt": VARIED_PROMPTS[1],
+                "stream": True,
+                "model_parameters": {"max_tokens": 2000},
+            }
+            async with session.post(f"{gateway.url}/v4/completions", json=body) as response:
+                async for line in response.content:
+                    if line.startswith(b"data: "):
+                        received += 1
+                    if received == 3:
+                        break  # leaving the block closes the connection mid-stream
+        return received
+
+    assert asyncio.run(leave_early()) == 3
+    assert metric_value(reference_triton.metrics_url, "cpu_llm_active_sequences") >= 0
+    deadline = time.monotonic() + 1.0
+    while metric_value(reference_triton.metrics_url, "cpu_llm_active_sequences") != 0:
+        assert time.monotonic() < deadline, "the generation kept running after the client left"
+        time.sleep(0.05)
+    generated = metric_value(reference_triton.metrics_url, "cpu_llm_generated_tokens_total")
+    time.sleep(0.3)
+    assert metric_value(reference_triton.metrics_url, "cpu_llm_generated_tokens_total") == generated
+
+
+def test_unreachable_triton_is_503_and_not_ready(reference_checkpoint: Path) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    with GatewayThread(gateway_settings([model_entry(reference_checkpoint, dead)])) as running:
+        code, _, payload = post(running.url, {"model": MODEL, "prompt": "hi"})
+        assert code == 503
+        assert payload["error"]["type"] == "service_unavailable"
+
+        async def ready() -> int:
+            async with aiohttp.ClientSession() as session, session.get(f"{running.url}/readyz") as response:
+                return response.status
+
+        assert asyncio.run(ready()) == 503
+
+
+def test_deadline_is_504_before_streaming_and_an_error_event_after(
+    reference_triton: EmbeddedTriton, reference_checkpoint: Path
+) -> None:
+    settings = gateway_settings([model_entry(reference_checkpoint, reference_triton.grpc_url)], request_timeout_s=0.4)
+    with GatewayThread(settings) as running:
+        body = {"model": MODEL, "prompt": VARIED_PROMPTS[1], "model_parameters": {"max_tokens": 500}}
+        code, _, payload = post(running.url, body)
+        assert code == 504 and payload["error"]["type"] == "timeout"
+
+        async def stream() -> tuple[list[bytes], int]:
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{running.url}/v4/completions", json={**body, "stream": True}) as response:
+                    return [line async for line in response.content if line.strip()], response.status
+
+        lines, status = asyncio.run(stream())
+        assert status == 200
+        assert lines[-2] == b"event: error\n"
+        assert json.loads(lines[-1][len(b"data: ") :])["error"]["status"] == 504
+    deadline = time.monotonic() + 2.0
+    while metric_value(reference_triton.metrics_url, "cpu_llm_active_sequences") != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
