@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway.completions import finish_pending_stops
 from gateway.middlewares import request_id_and_errors
 from gateway.registry import ModelRegistry
 from gateway.routes import setup_routes
@@ -25,6 +26,7 @@ async def _triton_channels(app: web.Application) -> AsyncIterator[None]:
         app[REGISTRY] = ModelRegistry.load(settings.models, endpoints)
         log.info("serving models: %s", ", ".join(m.id for m in settings.models) or "(none)")
         yield
+        await finish_pending_stops()
 
 
 def init_app(settings: GatewaySettings) -> web.Application:

@@ -92,3 +92,9 @@ async def run_completion(
             task = asyncio.ensure_future(model.endpoint.stop(model.entry.generation_model, request_id, stop_timeout_s))
             _stopping.add(task)
             task.add_done_callback(_stopping.discard)
+
+
+async def finish_pending_stops() -> None:
+    """Let stop requests in flight reach Triton (called before the gRPC channels close)."""
+    if _stopping:
+        await asyncio.gather(*_stopping, return_exceptions=True)

@@ -223,9 +223,9 @@ def test_deadline_is_504_before_streaming_and_an_error_event_after(
         assert code == 504 and payload["error"]["type"] == "timeout"
 
         async def stream() -> tuple[list[bytes], int]:
-            async with aiohttp.ClientSession() as session:
-                async with session.post(f"{running.url}/v4/completions", json={**body, "stream": True}) as response:
-                    return [line async for line in response.content if line.strip()], response.status
+            url = f"{running.url}/v4/completions"
+            async with aiohttp.ClientSession() as session, session.post(url, json={**body, "stream": True}) as response:
+                return [line async for line in response.content if line.strip()], response.status
 
         lines, status = asyncio.run(stream())
         assert status == 200
