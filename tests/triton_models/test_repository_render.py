@@ -66,7 +66,7 @@ def test_cpu_llm_has_exactly_the_tensor_interface_of_tensorrt_llm() -> None:
         outputs = [(o.name, o.data_type, list(o.dims)) for o in config.output]
         return inputs, outputs
 
-    assert interface(t.CPU_LLM) == interface(t.TENSORRT_LLM)
+    assert interface(t.CPU_LLM) == interface(t.TENSORRT_LLM) == interface(t.ECHO_LLM)
 
 
 def test_ensemble_speaks_the_names_clients_of_nvidias_ensemble_use() -> None:

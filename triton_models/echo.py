@@ -1,0 +1,47 @@
+"""Triton Python model `echo_llm`: tensorrt_llm's tensor interface, no model behind it.
+
+It streams `request_output_len` tokens at once, cycling through the prompt's own ids, so a benchmark on
+it measures only what surrounds generation: the ensemble, pre/postprocessing, gRPC and the gateway.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from triton_models import tensors as t
+from triton_models.triton_io import error_response, pb_utils, required_tensor, scalar, tensor
+
+
+def _response(tokens: list[int]) -> Any:
+    return pb_utils().InferenceResponse(
+        output_tensors=[
+            tensor(t.OUTPUT_IDS, np.array(tokens, dtype=np.int32).reshape(1, 1, -1)),
+            tensor(t.SEQUENCE_LENGTH, np.array([[len(tokens)]], dtype=np.int32)),
+            tensor(t.GEN_CUM_LOG_PROBS, np.zeros((1, 1), dtype=np.float32)),
+            tensor(t.GEN_OUTPUT_LOG_PROBS, np.zeros((1, 1, len(tokens)), dtype=np.float32)),
+        ]
+    )
+
+
+class TritonPythonModel:
+    def execute(self, requests: list[Any]) -> None:
+        final = pb_utils().TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                if bool(scalar(request, t.STOP, False)):
+                    sender.send(flags=final)
+                    continue
+                prompt = [int(i) for i in required_tensor(request, t.INPUT_IDS).reshape(-1)]
+                count = int(scalar(request, t.REQUEST_OUTPUT_LEN, 1))
+                tokens = [prompt[i % len(prompt)] for i in range(count)]
+                if bool(scalar(request, t.STREAMING, False)):
+                    for index, token in enumerate(tokens):
+                        sender.send(_response([token]), flags=final if index == count - 1 else 0)
+                else:
+                    sender.send(_response(tokens), flags=final)
+            except ValueError as error:
+                sender.send(error_response(str(error)), flags=final)
+        return None
