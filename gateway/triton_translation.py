@@ -108,7 +108,7 @@ def read_chunk(response: service_pb2.ModelInferResponse) -> Chunk:
         if output.name == t.TEXT_OUTPUT:
             data = _first_bytes_element(raw)
         elif output.name == t.OUTPUT_TOKEN_COUNT:
-            tokens = int(np.frombuffer(raw, dtype=np.int32).sum())
+            tokens = sum(struct.unpack(f"<{len(raw) // 4}i", raw))
     final = response.parameters["triton_final_response"].bool_param
     return Chunk(data=data, tokens=tokens, final=final)
 

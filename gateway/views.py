@@ -107,9 +107,14 @@ async def _stream(
     return response
 
 
+_DELTA_HEAD = '{"completion":{"text":'
+_DELTA_TAIL = ',"finish_reason":null,"response_metadata":null},"token_usage":null}'
+
+
 def _event_json(event: TextDelta | Finished) -> str:
     if isinstance(event, TextDelta):
-        payload = CompletionResponse(completion=Completion(text=event.text))
+        # The hot path (one event per token): the schema's shape, without building a model per event.
+        return _DELTA_HEAD + json.dumps(event.text) + _DELTA_TAIL
     else:
         payload = CompletionResponse(
             completion=Completion(text="", finish_reason=event.finish_reason), token_usage=event.usage

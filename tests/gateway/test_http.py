@@ -235,3 +235,19 @@ def test_deadline_is_504_before_streaming_and_an_error_event_after(
     while metric_value(reference_triton.metrics_url, "cpu_llm_active_sequences") != 0:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_streamed_events_have_exactly_the_schemas_shape() -> None:
+    from gateway.completions import Finished, TextDelta
+    from gateway.schema import Completion, CompletionResponse, TokenUsage
+    from gateway.views import _event_json
+
+    for text in ("plain", 'quotes " and \\ backslash\n', "é 東京 😀"):
+        expected = CompletionResponse(completion=Completion(text=text)).model_dump(mode="json")
+        assert json.loads(_event_json(TextDelta(text))) == expected
+    usage = TokenUsage(prompt=3, completion=2, total=5)
+    last = json.loads(_event_json(Finished("length", usage)))
+    assert last == {
+        "completion": {"text": "", "finish_reason": "length", "response_metadata": None},
+        "token_usage": {"prompt": 3, "completion": 2, "total": 5},
+    }
