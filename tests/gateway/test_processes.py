@@ -1,0 +1,104 @@
+"""The two ways to run the gateway as a process: `python -m gateway serve --config`, and embedded (`make serve`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import scale_gp
+
+from build_engines.reference_model import REFERENCE_MODEL_ID
+from triton_models.launcher import EmbeddedTriton, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the gateway process exited"
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} was not ready within {timeout_s} s")
+
+
+def _ask(url: str) -> str:
+    client = scale_gp.SGPClient(base_url=url, api_key="k", max_retries=0)
+    try:
+        prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+        response = client.completions.create(
+            model=REFERENCE_MODEL_ID, prompt=prompt, model_parameters={"temperature": 0}
+        )
+        return response.completion.text
+    finally:
+        client.close()
+
+
+def test_serve_with_a_config_file_against_an_external_triton(
+    reference_triton: EmbeddedTriton, reference_checkpoint: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'host = "127.0.0.1"\nport = {port}\n[[models]]\nid = "{REFERENCE_MODEL_ID}"\n'
+        f'tokenizer_dir = "{reference_checkpoint}"\ncontext_length = 8192\n'
+        f'endpoints = ["{reference_triton.grpc_url}"]\n'
+    )
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)], cwd=ROOT)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", process, 30)
+        assert "Paris" in _ask(f"http://127.0.0.1:{port}")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_environment_overrides_the_config_file(reference_checkpoint: Path, tmp_path: Path) -> None:
+    from gateway.settings import GatewaySettings
+
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'port = 1234\n[[models]]\nid = "m"\ntokenizer_dir = "{reference_checkpoint}"\n'
+                      'context_length = 8\nendpoints = ["x:1"]\n')  # fmt: skip
+    os.environ["GATEWAY_PORT"] = "4321"
+    try:
+        assert GatewaySettings.from_file(config).port == 4321
+    finally:
+        del os.environ["GATEWAY_PORT"]
+    assert GatewaySettings.from_file(config).port == 1234
+
+
+def test_embedded_mode_serves_the_reference_model_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "embedded", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", process, 180)
+        assert "Paris" in _ask(f"http://127.0.0.1:{port}")
+        process.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 0
+        assert "curl -s http://127.0.0.1:" in output.decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    # The embedded server's shm prefix carries the gateway process's pid.
+    pattern = f"shm-region-prefix-name=tcs{process.pid}"
+    leftovers = subprocess.run(["pgrep", "-f", pattern], capture_output=True, check=False)
+    assert leftovers.stdout == b""
+    assert not list(Path("/dev/shm").glob(f"tcs{process.pid}*"))
