@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,3 +117,12 @@ def metric_value(metrics_url: str, name: str) -> float:
     if not values:
         raise AssertionError(f"metric {name} not exported")
     return sum(values)
+
+
+def wait_for_metric(metrics_url: str, name: str, value: float, timeout_s: float) -> None:
+    """Poll until the metric equals value; fail if it does not within timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while (current := metric_value(metrics_url, name)) != value:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} is {current}, not {value}, after {timeout_s} s")
+        time.sleep(0.05)

@@ -13,7 +13,7 @@ import pytest
 
 from tests.gateway.conftest import MODEL, GatewayThread, RunningGateway, gateway_settings, model_entry
 from tests.prompts import SMOLLM_CHAT, VARIED_PROMPTS
-from tests.triton_client import metric_value
+from tests.triton_client import metric_value, wait_for_metric
 from triton_models.launcher import EmbeddedTriton, free_port
 
 FRANCE = SMOLLM_CHAT.format("What is the capital of France?")
@@ -190,10 +190,7 @@ def test_a_client_that_disconnects_frees_the_engine(gateway: RunningGateway, ref
 
     assert asyncio.run(leave_early()) == 3
     assert metric_value(reference_triton.metrics_url, "cpu_llm_active_sequences") >= 0
-    deadline = time.monotonic() + 1.0
-    while metric_value(reference_triton.metrics_url, "cpu_llm_active_sequences") != 0:
-        assert time.monotonic() < deadline, "the generation kept running after the client left"
-        time.sleep(0.05)
+    wait_for_metric(reference_triton.metrics_url, "cpu_llm_active_sequences", 0, timeout_s=1.0)
     generated = metric_value(reference_triton.metrics_url, "cpu_llm_generated_tokens_total")
     time.sleep(0.3)
     assert metric_value(reference_triton.metrics_url, "cpu_llm_generated_tokens_total") == generated
@@ -231,10 +228,7 @@ def test_deadline_is_504_before_streaming_and_an_error_event_after(
         assert status == 200
         assert lines[-2] == b"event: error\n"
         assert json.loads(lines[-1][len(b"data: ") :])["error"]["status"] == 504
-    deadline = time.monotonic() + 2.0
-    while metric_value(reference_triton.metrics_url, "cpu_llm_active_sequences") != 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_metric(reference_triton.metrics_url, "cpu_llm_active_sequences", 0, timeout_s=2.0)
 
 
 def test_streamed_events_have_exactly_the_schemas_shape() -> None:

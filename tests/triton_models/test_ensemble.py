@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from build_engines.tiny_checkpoints import TokenizerStyle
 from cpu_engine import Engine, GenerationRequest, SamplingParams
 from tests.prompts import SMOLLM_CHAT, VARIED_PROMPTS
-from tests.triton_client import StreamingClient, ensemble_inputs, infer_input, metric_value
+from tests.triton_client import StreamingClient, ensemble_inputs, infer_input, metric_value, wait_for_metric
 from triton_models import tensors as t
 from triton_models.launcher import EmbeddedTriton
 from triton_models.token_bytes import TokenBytes
@@ -109,27 +109,26 @@ def _stop_inputs() -> list:
 def test_stop_request_ends_a_running_generation_within_a_step(
     client: StreamingClient, reference_triton: EmbeddedTriton
 ) -> None:
+    metrics = reference_triton.metrics_url
     client.send(t.ENSEMBLE, ensemble_inputs(VARIED_PROMPTS[1], 400, True, temperature=0.0), "long-one")
-    received = []
-    while len(received) < 5:
-        result, error = client.responses.get(timeout=60)
+    for _ in range(5):
+        _, error = client.responses.get(timeout=60)
         assert error is None
-        received.append(result)
-    assert metric_value(reference_triton.metrics_url, "cpu_llm_active_sequences") == 1
+    assert metric_value(metrics, "cpu_llm_active_sequences") >= 1
     stopper = StreamingClient(reference_triton.grpc_url)
     try:
         stopper.send(t.CPU_LLM, _stop_inputs(), "long-one")
         stopper.collect({"long-one"})  # the stop request itself is answered with an empty final response
     finally:
         stopper.close()
-    after_stop = client.collect({"long-one"})["long-one"]
-    assert len(after_stop.token_counts) <= 3  # at most the step in flight, then the final response
-    total = len(received) + len(after_stop.token_counts)
-    assert total < 20
-    deadline = time.monotonic() + 1.0
-    while metric_value(reference_triton.metrics_url, "cpu_llm_active_sequences") != 0:
-        assert time.monotonic() < deadline, "active sequences did not return to 0 within a second"
-        time.sleep(0.05)
+    generated_at_stop = metric_value(metrics, "cpu_llm_generated_tokens_total")
+    rest = client.collect({"long-one"})["long-one"]
+    assert rest.error is None
+    time.sleep(0.3)
+    # The engine spends at most the step that was in flight when the stop arrived.
+    assert metric_value(metrics, "cpu_llm_generated_tokens_total") - generated_at_stop <= 1
+    assert 5 + len(rest.token_counts) < 100  # far from the 400 tokens asked for
+    wait_for_metric(metrics, "cpu_llm_active_sequences", 0, timeout_s=1.0)
 
 
 def test_stop_words_end_generation(client: StreamingClient) -> None:
@@ -182,5 +181,6 @@ def test_triton_generate_stream_endpoint_works_on_the_ensemble(reference_triton:
 def test_engine_metrics_are_exported(reference_triton: EmbeddedTriton, client: StreamingClient) -> None:
     client.complete(VARIED_PROMPTS[1], 3, stream=False, temperature=0.0)
     assert metric_value(reference_triton.metrics_url, "cpu_llm_generated_tokens_total") >= 3
-    assert metric_value(reference_triton.metrics_url, "cpu_llm_kv_tokens_in_use") == 0
-    assert metric_value(reference_triton.metrics_url, "cpu_llm_queued_requests") == 0
+    # The metrics are published after each engine step, just after the responses of that step go out.
+    wait_for_metric(reference_triton.metrics_url, "cpu_llm_kv_tokens_in_use", 0, timeout_s=1.0)
+    wait_for_metric(reference_triton.metrics_url, "cpu_llm_queued_requests", 0, timeout_s=1.0)
