@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import logging
+import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
@@ -58,12 +59,18 @@ def plan_completion(model: ServedModel, request: CompletionRequest) -> Generatio
 async def run_completion(
     model: ServedModel, plan: GenerationPlan, request_id: str, stop_timeout_s: float
 ) -> AsyncGenerator[Event, None]:
-    """Stream one completion. Leaving early (client gone, deadline) ends the generation on the server too."""
+    """Stream one completion. Leaving early (client gone, deadline) ends the generation on the server too.
+
+    Triton sees its own unique id, not the client's x-request-id: `stop` requests name the id, and two clients
+    (or one client reusing an id) must never stop each other's generations.
+    """
+    triton_id = f"{request_id[:64]}-{uuid.uuid4().hex}"
+    log.debug("request %s runs in Triton as %s", request_id, triton_id)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     matcher = StopSequenceMatcher(plan.stop_sequences)
     completion_tokens = 0
     finished = False
-    stream = model.endpoint.stream(ensemble_request(model.entry.ensemble, request_id, plan))
+    stream = model.endpoint.stream(ensemble_request(model.entry.ensemble, triton_id, plan))
     try:
         async for chunk in stream:
             completion_tokens += chunk.tokens
@@ -89,7 +96,7 @@ async def run_completion(
         if not finished:
             # Cancelling the stream does not reach a decoupled model inside an ensemble: stop it by request id.
             # In the background, so a client that left does not wait for it.
-            task = asyncio.ensure_future(model.endpoint.stop(model.entry.generation_model, request_id, stop_timeout_s))
+            task = asyncio.ensure_future(model.endpoint.stop(model.entry.generation_model, triton_id, stop_timeout_s))
             _stopping.add(task)
             task.add_done_callback(_stopping.discard)
 

@@ -245,3 +245,48 @@ def test_streamed_events_have_exactly_the_schemas_shape() -> None:
         "completion": {"text": "", "finish_reason": "length", "response_metadata": None},
         "token_usage": {"prompt": 3, "completion": 2, "total": 5},
     }
+
+
+def test_a_model_missing_in_triton_is_503_and_not_ready(
+    reference_triton: EmbeddedTriton, reference_checkpoint: Path
+) -> None:
+    entry = model_entry(reference_checkpoint, reference_triton.grpc_url).model_copy(update={"ensemble": "not_loaded"})
+    with GatewayThread(gateway_settings([entry])) as running:
+        code, _, payload = post(running.url, {"model": MODEL, "prompt": "hi"})
+        assert code == 503
+        assert "not available" in payload["error"]["message"]
+
+        async def ready() -> tuple[int, Any]:
+            async with aiohttp.ClientSession() as session, session.get(f"{running.url}/readyz") as response:
+                return response.status, await response.json()
+
+        assert asyncio.run(ready()) == (503, {"status": "not ready", "models": {MODEL: False}})
+
+
+def test_clients_reusing_a_request_id_do_not_stop_each_other(gateway: RunningGateway) -> None:
+    body = {"model": MODEL, "prompt": VARIED_PROMPTS[1], "model_parameters": {"temperature": 0, "max_tokens": 24}}
+
+    async def run() -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session:
+
+            async def leaver() -> None:
+                headers = {"x-request-id": "shared-id"}
+                async with session.post(
+                    f"{gateway.url}/v4/completions", json={**body, "stream": True}, headers=headers
+                ) as r:
+                    async for _ in r.content:
+                        return  # leaves after the first line: its generation is stopped
+
+            async def stayer() -> tuple[int, str]:
+                await asyncio.sleep(0.05)
+                headers = {"x-request-id": "shared-id"}
+                async with session.post(f"{gateway.url}/v4/completions", json=body, headers=headers) as r:
+                    return r.status, (await r.json())["completion"]["text"]
+
+            _, result = await asyncio.gather(leaver(), stayer())
+            return result
+
+    status, text = asyncio.run(run())
+    code, _, alone = post(gateway.url, body)
+    assert status == 200 == code
+    assert text == alone["completion"]["text"]
