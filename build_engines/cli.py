@@ -32,6 +32,14 @@ def _repository(args: argparse.Namespace) -> Path:
     return render_repository(RepositorySettings(checkpoint_dir=str(args.checkpoint.resolve())), args.out)
 
 
+def _build(args: argparse.Namespace) -> Path:
+    from build_engines.build import main_build
+
+    return main_build(
+        args.target, args.checkpoint, args.out, args.dry_run, args.model_id or args.checkpoint.name, args.targets
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m build_engines", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     repository.add_argument("--target", default="cpu", help="deployment target (cpu)")
     repository.add_argument("--out", type=Path, required=True, metavar="REPO")
     repository.set_defaults(run=_repository)
+
+    from build_engines.targets import TARGETS_FILE
+
+    build = commands.add_parser("build", help="build an engine for a target and render its repository")
+    build.add_argument("--checkpoint", type=Path, required=True, metavar="DIR")
+    build.add_argument("--target", required=True, help="a target name from the targets file")
+    build.add_argument("--out", type=Path, required=True, metavar="REPO")
+    build.add_argument("--dry-run", action="store_true", help="print the plan and render the repository only")
+    build.add_argument("--model-id", help="public model id for the gateway entry (default: checkpoint folder name)")
+    build.add_argument("--targets", type=Path, default=TARGETS_FILE, help="targets file (default: the bundled one)")
+    build.set_defaults(run=_build)
     return parser
 
 

@@ -95,12 +95,17 @@ def render_repository(settings: RepositorySettings, out_dir: Path, templates: Pa
     for model in settings.models():
         source = templates / model / "config.pbtxt"
         rendered[model] = render_config(source.read_text(), variables, str(source.relative_to(templates)))
-    staging = out_dir.with_name(out_dir.name + ".rendering")
-    shutil.rmtree(staging, ignore_errors=True)
+    # Replace only the model folders rendered here: engines, manifests and other files under out_dir stay.
+    out_dir.mkdir(parents=True, exist_ok=True)
     for model in settings.models():
-        shutil.copytree(templates / model, staging / model, ignore=shutil.ignore_patterns("__pycache__", ".keep"))
-        (staging / model / "config.pbtxt").write_text(rendered[model])
-        (staging / model / "1").mkdir(exist_ok=True)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+        staging = out_dir / f".{model}.rendering"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(templates / model, staging, ignore=shutil.ignore_patterns("__pycache__", ".keep"))
+        (staging / "config.pbtxt").write_text(rendered[model])
+        (staging / "1").mkdir(exist_ok=True)
+        shutil.rmtree(out_dir / model, ignore_errors=True)
+        staging.rename(out_dir / model)
+    for stale in (t.CPU_LLM, t.TENSORRT_LLM, t.ECHO_LLM):
+        if stale not in settings.models():
+            shutil.rmtree(out_dir / stale, ignore_errors=True)  # a previous render for another generation model
     return out_dir

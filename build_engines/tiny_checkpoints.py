@@ -142,7 +142,7 @@ def _random_weights(shape: LlamaShape, seed: int) -> dict[str, npt.NDArray[np.fl
     return tensors
 
 
-def write_tiny_checkpoint(out_dir: Path, style: TokenizerStyle, seed: int = 0) -> Path:
+def write_tiny_checkpoint(out_dir: Path, style: TokenizerStyle, seed: int = 0, context_length: int = 512) -> Path:
     """Write a tiny checkpoint of the given tokenizer style into out_dir."""
     if style is TokenizerStyle.BYTE_BPE:
         tokenizer = byte_bpe_tokenizer()
@@ -171,7 +171,7 @@ def write_tiny_checkpoint(out_dir: Path, style: TokenizerStyle, seed: int = 0) -
         num_layers=2,
         num_heads=4,
         num_kv_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=context_length,
         rope_theta=10000.0,
         rms_norm_eps=1e-5,
         tie_word_embeddings=tied,

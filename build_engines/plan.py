@@ -1,0 +1,120 @@
+"""Plan an engine build: validate the checkpoint against the target, then the exact commands, in order.
+
+The commands are TensorRT-LLM's classic compiled-engine flow, run inside the NGC container that will
+serve the engine: convert (or quantize, for FP8) the Hugging Face checkpoint into a TensorRT-LLM
+checkpoint with one shard per rank, then `trtllm-build` it with the target's limits. The plan is data;
+`build.py` runs it (or, with --dry-run, prints it).
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from build_engines.targets import Container, Target
+from cpu_engine import CheckpointError, ModelConfig
+
+# Architectures TensorRT-LLM's llama example converts (the CPU engine serves the same set).
+GPU_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_EXAMPLE_DIRS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen"}
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    command: list[str]
+
+    def shell(self) -> str:
+        return shlex.join(self.command)
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    target: Target
+    container: Container
+    checkpoint: Path
+    model: ModelConfig
+    engine_dir: Path  # where the engine is (or would be) written; the tensorrt_llm config points here
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def max_seq_len(self) -> int:
+        return min(self.target.max_seq_len, self.model.max_position_embeddings)
+
+    def describe(self) -> str:
+        t = self.target
+        lines = [
+            f"target {t.name}: {t.gpu}, {t.dtype}, quantization {t.quantization}, KV cache {t.kv_cache_dtype}, "
+            f"tp {t.tp_size} x pp {t.pp_size}",
+            f"checkpoint {self.checkpoint} ({self.model.architecture}, context {self.model.max_position_embeddings})",
+        ]
+        if t.is_gpu:
+            lines.append(
+                f"build and serve in {self.container.reference} (TensorRT-LLM {self.container.tensorrt_llm_version})"
+            )
+        lines += [f"step {i}: {step.name}\n  {step.shell()}" for i, step in enumerate(self.steps, 1)]
+        if not self.steps:
+            lines.append("no engine to build: the CPU engine serves the checkpoint directly")
+        return "\n".join(lines)
+
+
+def validate_checkpoint(checkpoint: Path, target: Target) -> ModelConfig:
+    """The checkpoint's model facts, or a CheckpointError saying what is wrong (before any step runs)."""
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint}: no such checkpoint directory")
+    for required in ("config.json", "tokenizer.json"):
+        if not (checkpoint / required).is_file():
+            raise CheckpointError(f"{checkpoint}: {required} is missing")
+    if not list(checkpoint.glob("*.safetensors")):
+        raise CheckpointError(f"{checkpoint}: no *.safetensors weights")
+    model = ModelConfig.from_checkpoint(checkpoint)
+    if target.is_gpu and model.architecture not in GPU_ARCHITECTURES:
+        raise CheckpointError(f"architecture {model.architecture} has no TensorRT-LLM conversion here")
+    if model.max_position_embeddings < target.max_seq_len:
+        raise CheckpointError(
+            f"the checkpoint's context length ({model.max_position_embeddings}) is shorter than target "
+            f"{target.name}'s max_seq_len ({target.max_seq_len}); lower max_seq_len in a target of your own"
+        )
+    for name, count in (("attention heads", model.num_heads), ("key/value heads", model.num_kv_heads)):
+        if count % target.tp_size:
+            raise CheckpointError(f"tensor parallelism {target.tp_size} does not divide the model's {count} {name}")
+    if model.num_layers % target.pp_size:
+        raise CheckpointError(f"pipeline parallelism {target.pp_size} does not divide {model.num_layers} layers")
+    return model
+
+
+def plan_build(checkpoint: Path, target: Target, container: Container, engine_dir: Path, work_dir: Path) -> BuildPlan:
+    model = validate_checkpoint(checkpoint, target)
+    plan = BuildPlan(target=target, container=container, checkpoint=checkpoint, model=model, engine_dir=engine_dir)
+    if not target.is_gpu:
+        return plan
+    trtllm_checkpoint = work_dir / "trtllm_checkpoint"
+    parallel = ["--tp_size", str(target.tp_size), "--pp_size", str(target.pp_size)]
+    examples = Path(container.examples_dir)
+    if target.quantization == "fp8":
+        convert = Step(
+            "quantize to FP8 (weights and KV cache); needs a local calibration set on an offline cluster",
+            ["python3", str(examples / "quantization" / "quantize.py"), "--model_dir", str(checkpoint),
+             "--output_dir", str(trtllm_checkpoint), "--dtype", target.dtype, "--qformat", "fp8",
+             "--kv_cache_dtype", "fp8", "--calib_size", "512", *parallel],
+        )  # fmt: skip
+    else:
+        command = [
+            "python3", str(examples / _EXAMPLE_DIRS[model.architecture] / "convert_checkpoint.py"),
+            "--model_dir", str(checkpoint), "--output_dir", str(trtllm_checkpoint), "--dtype", target.dtype, *parallel,
+        ]  # fmt: skip
+        if target.quantization in ("int8_weight_only", "int4_weight_only"):
+            command += ["--use_weight_only", "--weight_only_precision", target.quantization.split("_")[0]]
+        convert = Step(f"convert the checkpoint ({target.quantization} quantization)", command)
+    build = [
+        "trtllm-build", "--checkpoint_dir", str(trtllm_checkpoint), "--output_dir", str(engine_dir),
+        "--max_batch_size", str(target.max_batch_size), "--max_input_len", str(target.max_input_len),
+        "--max_seq_len", str(plan.max_seq_len), "--max_num_tokens", str(target.max_num_tokens),
+        # FP8 GEMMs run without the GEMM plugin; everything else lets TensorRT-LLM pick it.
+        "--gemm_plugin", "disable" if target.quantization == "fp8" else "auto",
+        "--kv_cache_type", "paged", "--use_paged_context_fmha", "enable", "--multiple_profiles", "enable",
+        "--workers", str(target.world_size),
+    ]  # fmt: skip
+    plan.steps.extend([convert, Step(f"build one engine per rank ({target.world_size})", build)])
+    return plan

@@ -1,0 +1,175 @@
+"""`python -m build_engines build`: plans per target, dry-run repositories, refusals before any step runs."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from build_engines.build import MANIFEST_FILE, REGISTRY_ENTRY_FILE, build
+from build_engines.cli import main as build_engines_main
+from build_engines.targets import TARGETS_FILE, TargetCatalog, TargetError, load_targets
+from build_engines.tiny_checkpoints import TokenizerStyle, write_tiny_checkpoint
+from cpu_engine import CheckpointError
+from gateway.settings import GatewaySettings
+from tests.triton_client import StreamingClient
+from triton_models import tensors as t
+from triton_models.launcher import EmbeddedTriton
+
+CATALOG = load_targets()
+GPU_TARGETS = sorted(name for name, target in CATALOG.targets.items() if target.is_gpu)
+
+
+@pytest.fixture(scope="module")
+def tiny_long_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint whose context is as long as the GPU targets' sequences (8192)."""
+    return write_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny-8k") / "ck", TokenizerStyle.BYTE_BPE, context_length=8192
+    )
+
+
+def _configs(repository: Path) -> dict[str, model_config_pb2.ModelConfig]:
+    configs = {}
+    for config in repository.glob("*/config.pbtxt"):
+        text = config.read_text()
+        assert "${" not in text, config
+        configs[config.parent.name] = text_format.Parse(text, model_config_pb2.ModelConfig())
+    return configs
+
+
+def _check_dry_run(checkpoint: Path, target_name: str, out: Path) -> None:
+    result = build(CATALOG, checkpoint, target_name, out, dry_run=True, model_id="m")
+    target, plan = CATALOG.get(target_name), result.plan
+    convert, trtllm_build = (step.command for step in plan.steps)
+    flags = dict(zip(trtllm_build[1::2], trtllm_build[2::2], strict=False))
+    if target.quantization == "fp8":
+        assert convert[1].endswith("quantize.py")
+        assert convert[convert.index("--qformat") : convert.index("--qformat") + 2] == ["--qformat", "fp8"]
+        assert "--kv_cache_dtype" in convert and convert[convert.index("--kv_cache_dtype") + 1] == "fp8"
+        assert flags["--gemm_plugin"] == "disable"
+    else:
+        assert convert[1].endswith("convert_checkpoint.py")
+        assert flags["--gemm_plugin"] == "auto"
+        if "weight_only" in target.quantization:
+            assert "--use_weight_only" in convert
+    assert flags["--kv_cache_type"] == "paged" and flags["--use_paged_context_fmha"] == "enable"
+    assert convert[convert.index("--tp_size") + 1] == str(target.tp_size)
+    # Limits agree between the plan, the tensorrt_llm config and the gateway entry.
+    configs = _configs(result.repository)
+    assert set(configs) == {t.PREPROCESSING, t.TENSORRT_LLM, t.POSTPROCESSING, t.ENSEMBLE}
+    trt = configs[t.TENSORRT_LLM]
+    assert trt.max_batch_size == target.max_batch_size == int(flags["--max_batch_size"])
+    assert trt.parameters["gpt_model_path"].string_value == str(plan.engine_dir) == flags["--output_dir"]
+    assert trt.parameters["batch_scheduler_policy"].string_value == target.batch_scheduler_policy
+    entry = tomllib.loads(result.registry_entry.read_text())["models"][0]
+    assert entry["context_length"] == plan.max_seq_len == int(flags["--max_seq_len"])
+    assert entry["generation_model"] == t.TENSORRT_LLM
+    GatewaySettings(models=[entry])  # a valid gateway registry entry
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["dry_run"] and manifest["commands"] == [s.shell() for s in plan.steps]
+    assert len(manifest["checkpoint_sha256"]) == 64
+
+
+@pytest.mark.parametrize("target_name", GPU_TARGETS)
+def test_dry_run_for_every_gpu_target_on_smollm2(reference_checkpoint: Path, target_name: str, tmp_path: Path) -> None:
+    if CATALOG.get(target_name).tp_size > 1:
+        # SmolLM2 has 9 attention heads and 3 key/value heads: two-way tensor parallelism cannot split them.
+        with pytest.raises(CheckpointError, match="does not divide the model's 9 attention heads"):
+            build(CATALOG, reference_checkpoint, target_name, tmp_path, dry_run=True, model_id="m")
+        return
+    _check_dry_run(reference_checkpoint, target_name, tmp_path / "repo")
+
+
+@pytest.mark.parametrize("target_name", GPU_TARGETS)
+def test_dry_run_for_every_gpu_target_on_a_tiny_checkpoint(
+    tiny_long_context: Path, target_name: str, tmp_path: Path
+) -> None:
+    _check_dry_run(tiny_long_context, target_name, tmp_path / "repo")
+
+
+def test_cpu_target_builds_a_repository_the_embedded_triton_serves(tiny_long_context: Path, tmp_path: Path) -> None:
+    result = build(CATALOG, tiny_long_context, "cpu", tmp_path / "repo", dry_run=False, model_id="tiny")
+    assert result.plan.steps == []
+    assert set(_configs(result.repository)) == {t.PREPROCESSING, t.CPU_LLM, t.POSTPROCESSING, t.ENSEMBLE}
+    with EmbeddedTriton(result.repository, log_path=tmp_path / "triton.log") as server:
+        client = StreamingClient(server.grpc_url)
+        try:
+            completion = client.complete("Hello world", 8, stream=True, temperature=0.0)
+        finally:
+            client.close()
+    assert completion.error is None and completion.tokens == 8
+
+
+def test_unknown_target_is_refused(
+    reference_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "build",
+        "--checkpoint",
+        str(reference_checkpoint),
+        "--target",
+        "tpu-v9",
+        "--out",
+        str(tmp_path),
+        "--dry-run",
+    ]
+    assert build_engines_main(args) == 1
+    assert "unknown target 'tpu-v9'" in capsys.readouterr().err
+    assert not (tmp_path / MANIFEST_FILE).exists()
+
+
+def test_checkpoint_problems_are_refused_before_any_step(tiny_long_context: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (broken / name).write_text((tiny_long_context / name).read_text())
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors weights"):
+        build(CATALOG, broken, "h100", tmp_path / "out", dry_run=True, model_id="m")
+    (broken / "model.safetensors").write_bytes((tiny_long_context / "model.safetensors").read_bytes())
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(CheckpointError, match="GPT2LMHeadModel"):
+        build(CATALOG, broken, "h100", tmp_path / "out", dry_run=True, model_id="m")
+    (broken / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
+    with pytest.raises(
+        CheckpointError, match=r"context length \(2048\) is shorter than target h100's max_seq_len \(8192\)"
+    ):
+        build(CATALOG, broken, "h100", tmp_path / "out", dry_run=True, model_id="m")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp8_on_a_gpu_generation_without_it_is_refused(tmp_path: Path) -> None:
+    text = TARGETS_FILE.read_text() + (
+        '\n[targets.a100-fp8]\ngpu = "A100"\ncompute_capability = "8.0"\ngeneration_model = "tensorrt_llm"\n'
+        'dtype = "bfloat16"\nquantization = "fp8"\nkv_cache_dtype = "fp8"\ntp_size = 1\npp_size = 1\n'
+        "max_batch_size = 8\nmax_input_len = 1024\nmax_seq_len = 2048\nmax_num_tokens = 2048\n"
+        "kv_cache_free_gpu_mem_fraction = 0.9\nenable_chunked_context = true\nenable_kv_cache_reuse = false\n"
+        'batch_scheduler_policy = "guaranteed_no_evict"\n'
+    )
+    custom = tmp_path / "targets.toml"
+    custom.write_text(text)
+    with pytest.raises(TargetError, match=r"FP8 needs compute capability 8\.9"):
+        load_targets(custom)
+
+
+def test_a_user_can_add_a_target_without_code(tiny_long_context: Path, tmp_path: Path) -> None:
+    custom = tmp_path / "targets.toml"
+    custom.write_text(TARGETS_FILE.read_text().replace("[targets.a10g]", "[targets.my-a10g]"))
+    catalog: TargetCatalog = load_targets(custom)
+    result = build(catalog, tiny_long_context, "my-a10g", tmp_path / "repo", dry_run=True, model_id="m")
+    assert result.plan.target.name == "my-a10g"
+    assert np.all([(tmp_path / "repo" / name).exists() for name in (REGISTRY_ENTRY_FILE, MANIFEST_FILE)])
+
+
+def test_real_builds_refuse_to_run_without_tensorrt_llm(tiny_long_context: Path, tmp_path: Path) -> None:
+    from build_engines.build import BuildFailed
+
+    with pytest.raises(
+        BuildFailed, match=r"TensorRT-LLM is not installed here: build inside nvcr\.io/nvidia/tritonserver"
+    ):
+        build(CATALOG, tiny_long_context, "a10g", tmp_path / "repo", dry_run=False, model_id="m")
