@@ -173,3 +173,49 @@ def test_real_builds_refuse_to_run_without_tensorrt_llm(tiny_long_context: Path,
         BuildFailed, match=r"TensorRT-LLM is not installed here: build inside nvcr\.io/nvidia/tritonserver"
     ):
         build(CATALOG, tiny_long_context, "a10g", tmp_path / "repo", dry_run=False, model_id="m")
+
+
+def _engine_config(plan_target: str, checkpoint: Path, out: Path, **changes: object) -> tuple[object, Path]:
+    result = build(CATALOG, checkpoint, plan_target, out, dry_run=True, model_id="m")
+    plan = result.plan
+    target = plan.target
+    config = {
+        "pretrained_config": {
+            "architecture": plan.model.architecture,
+            "dtype": target.dtype,
+            "mapping": {"tp_size": target.tp_size, "pp_size": target.pp_size},
+            "quantization": {"quant_algo": "FP8" if target.quantization == "fp8" else None},
+        },
+        "build_config": {
+            "max_batch_size": target.max_batch_size,
+            "max_input_len": target.max_input_len,
+            "max_seq_len": plan.max_seq_len,
+        },
+    }
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        config[section][key] = value  # type: ignore[index]
+    plan.engine_dir.mkdir(parents=True)
+    (plan.engine_dir / "config.json").write_text(json.dumps(config))
+    for rank in range(target.world_size):
+        (plan.engine_dir / f"rank{rank}.engine").write_bytes(b"")
+    return plan, plan.engine_dir
+
+
+def test_engine_verification_accepts_what_the_target_asked_for(tiny_long_context: Path, tmp_path: Path) -> None:
+    from build_engines.build import verify_engine
+
+    plan, _ = _engine_config("h100-tp2", tiny_long_context, tmp_path / "repo")
+    verify_engine(plan)  # type: ignore[arg-type]
+
+
+def test_engine_verification_names_every_disagreement(tiny_long_context: Path, tmp_path: Path) -> None:
+    from build_engines.build import BuildFailed, verify_engine
+
+    plan, engine_dir = _engine_config("h100", tiny_long_context, tmp_path / "repo", build_config__max_seq_len=4096)
+    with pytest.raises(BuildFailed, match="max_seq_len: engine 4096, target 8192"):
+        verify_engine(plan)  # type: ignore[arg-type]
+    plan, engine_dir = _engine_config("a10g", tiny_long_context, tmp_path / "repo2")
+    (engine_dir / "rank0.engine").unlink()
+    with pytest.raises(BuildFailed, match=r"no engine for rank\(s\) \[0\]"):
+        verify_engine(plan)  # type: ignore[arg-type]
