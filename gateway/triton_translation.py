@@ -49,8 +49,7 @@ class _RequestBuilder:
         self.request.parameters["triton_enable_empty_final_response"].bool_param = True
 
     def add(self, name: str, value: int | float | bool, dtype: str) -> None:
-        tensor = self.request.inputs.add(name=name, datatype=dtype, shape=[1, 1])
-        del tensor
+        self.request.inputs.add(name=name, datatype=dtype, shape=[1, 1])
         numpy_type = {"INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_, "UINT64": np.uint64}[dtype]
         self.request.raw_input_contents.append(np.array([value], dtype=numpy_type).tobytes())
 

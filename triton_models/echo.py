@@ -8,21 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from triton_models import tensors as t
-from triton_models.triton_io import error_response, pb_utils, required_tensor, scalar, tensor
-
-
-def _response(tokens: list[int]) -> Any:
-    return pb_utils().InferenceResponse(
-        output_tensors=[
-            tensor(t.OUTPUT_IDS, np.array(tokens, dtype=np.int32).reshape(1, 1, -1)),
-            tensor(t.SEQUENCE_LENGTH, np.array([[len(tokens)]], dtype=np.int32)),
-            tensor(t.GEN_CUM_LOG_PROBS, np.zeros((1, 1), dtype=np.float32)),
-            tensor(t.GEN_OUTPUT_LOG_PROBS, np.zeros((1, 1, len(tokens)), dtype=np.float32)),
-        ]
-    )
+from triton_models.generation import generation_response
+from triton_models.triton_io import error_response, pb_utils, required_tensor, scalar
 
 
 class TritonPythonModel:
@@ -39,9 +27,9 @@ class TritonPythonModel:
                 tokens = [prompt[i % len(prompt)] for i in range(count)]
                 if bool(scalar(request, t.STREAMING, False)):
                     for index, token in enumerate(tokens):
-                        sender.send(_response([token]), flags=final if index == count - 1 else 0)
+                        sender.send(generation_response([token], [0.0], 0.0), flags=final if index == count - 1 else 0)
                 else:
-                    sender.send(_response(tokens), flags=final)
+                    sender.send(generation_response(tokens, [0.0] * len(tokens), 0.0), flags=final)
             except ValueError as error:
                 sender.send(error_response(str(error)), flags=final)
         return None

@@ -71,7 +71,7 @@ def parse_request(request: Any, engine_id: str, exclude_input_default: bool) -> 
     return generation, streaming, exclude_input
 
 
-def _response(tokens: list[int], log_probs: list[float], cum_log_prob: float) -> Any:
+def generation_response(tokens: list[int], log_probs: list[float], cum_log_prob: float) -> Any:
     return pb_utils().InferenceResponse(
         output_tensors=[
             tensor(t.OUTPUT_IDS, np.array(tokens, dtype=np.int32).reshape(1, 1, -1)),
@@ -90,7 +90,7 @@ class _Replier:
         self.final = pb_utils().TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
     def tokens(self, tokens: list[int], log_probs: list[float], cum_log_prob: float, last: bool) -> None:
-        self.sender.send(_response(tokens, log_probs, cum_log_prob), flags=self.final if last else 0)
+        self.sender.send(generation_response(tokens, log_probs, cum_log_prob), flags=self.final if last else 0)
 
     def error(self, message: str) -> None:
         self.sender.send(error_response(message), flags=self.final)

@@ -69,7 +69,6 @@ GEN_OUTPUT_LOG_PROBS: Final = "output_log_probs"
 
 # ---- preprocessing / postprocessing (NVIDIA's upper-case internal names) ------------------------
 PRE_QUERY: Final = "QUERY"
-PRE_REQUEST_OUTPUT_LEN: Final = "REQUEST_OUTPUT_LEN"
 PRE_STOP_WORDS_DICT: Final = "STOP_WORDS_DICT"
 PRE_BAD_WORDS_DICT: Final = "BAD_WORDS_DICT"
 PRE_END_ID: Final = "END_ID"
@@ -80,7 +79,6 @@ PRE_STOP_WORDS_IDS: Final = "STOP_WORDS_IDS"
 PRE_BAD_WORDS_IDS: Final = "BAD_WORDS_IDS"
 PRE_OUT_END_ID: Final = "OUT_END_ID"
 PRE_OUT_PAD_ID: Final = "OUT_PAD_ID"
-PRE_OUT_REQUEST_OUTPUT_LEN: Final = "OUT_REQUEST_OUTPUT_LEN"
 
 POST_TOKENS_BATCH: Final = "TOKENS_BATCH"
 POST_SEQUENCE_LENGTH: Final = "SEQUENCE_LENGTH"
