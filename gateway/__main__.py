@@ -9,7 +9,9 @@ import signal
 import sys
 from pathlib import Path
 
+from gateway import auth
 from gateway.app import init_app, start_site
+from gateway.logs import configure_logging
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("gateway")
@@ -28,6 +30,7 @@ async def _serve_until_signal(settings: GatewaySettings, banner: str) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = GatewaySettings.from_file(args.config)
+    configure_logging(settings.log_format)
     banner = f"gateway on http://{settings.host}:{settings.port} serving {', '.join(m.id for m in settings.models)}"
     asyncio.run(_serve_until_signal(settings, banner))
     return 0
@@ -36,6 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _embedded(args: argparse.Namespace) -> int:
     from gateway.embedded import embedded_settings, prepare_embedded_triton
 
+    configure_logging("text")
     print("preparing the reference model and its Triton repository (cached after the first run)...", flush=True)
     server, checkpoint = prepare_embedded_triton()
     print(f"starting Triton (log: {server.log_path})...", flush=True)
@@ -64,9 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     embedded.add_argument("--host", default="127.0.0.1")
     embedded.add_argument("--port", type=int, default=8080)
     embedded.set_defaults(run=_embedded)
+    hash_key = commands.add_parser("hash-key", help="print the sha256 of an API key (read from stdin) for the config")
+    hash_key.set_defaults(run=_hash_key)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args.run(args))
+
+
+def _hash_key(args: argparse.Namespace) -> int:
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("error: give the key on standard input (echo -n KEY | python -m gateway hash-key)", file=sys.stderr)
+        return 2
+    print(auth.hash_key(key))
+    return 0
 
 
 if __name__ == "__main__":

@@ -7,31 +7,79 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway.accounting import Accounting
+from gateway.auth import Authenticator
 from gateway.completions import finish_pending_stops
+from gateway.ledger.databases import open_ledger_database
+from gateway.ledger.writer import LedgerWriter
+from gateway.metrics import GatewayMetrics
 from gateway.middlewares import request_id_and_errors
 from gateway.registry import ModelRegistry
+from gateway.replicas import EndpointDirectory, health_monitor
 from gateway.routes import setup_routes
 from gateway.settings import GatewaySettings
-from gateway.state import REGISTRY, SETTINGS
-from gateway.triton_channel import open_endpoints
+from gateway.state import ACCOUNTING, AUTHENTICATOR, LEDGER_DATABASE, METRICS, REGISTRY, SETTINGS
 
 log = logging.getLogger(__name__)
 
 
 async def _triton_channels(app: web.Application) -> AsyncIterator[None]:
-    """One long-lived gRPC channel per Triton endpoint for the life of the app; tokenizers loaded once."""
+    """One long-lived gRPC channel per Triton replica for the life of the app, health-checked in the background;
+    tokenizers loaded once."""
     settings = app[SETTINGS]
-    addresses = [address for model in settings.models for address in model.endpoints]
-    async with open_endpoints(addresses) as endpoints:
-        app[REGISTRY] = ModelRegistry.load(settings.models, endpoints)
-        log.info("serving models: %s", ", ".join(m.id for m in settings.models) or "(none)")
+    directory = EndpointDirectory()
+    try:
+        registry = app[REGISTRY] = ModelRegistry.load(settings, directory)
+        pools = [model.replicas for model in registry.models.values()]
+        async with health_monitor(
+            pools, settings.health_check_interval_s, settings.dns_refresh_s, settings.readiness_timeout_s
+        ):
+            log.info("serving models: %s", ", ".join(m.id for m in settings.models) or "(none)")
+            yield
+            await finish_pending_stops()
+    finally:
+        await directory.close()
+
+
+async def _usage_ledger(app: web.Application) -> AsyncIterator[None]:
+    """The ledger writer lives as long as the app; on shutdown it flushes (or spills) what is queued."""
+    settings = app[SETTINGS]
+    if not settings.ledger_enabled:
+        app[LEDGER_DATABASE] = None
+        app[ACCOUNTING] = Accounting(app[METRICS], None)
+        log.info("usage ledger: off")
         yield
-        await finish_pending_stops()
+        return
+    database = open_ledger_database(settings.ledger_dsn, settings.data_dir)
+    writer = LedgerWriter(
+        database,
+        app[METRICS],
+        spill_dir=settings.data_dir,
+        batch_size=settings.ledger_batch_size,
+        flush_interval_s=settings.ledger_flush_interval_s,
+        queue_size=settings.ledger_queue_size,
+        retry_s=settings.ledger_retry_s,
+    )
+    app[LEDGER_DATABASE] = database
+    app[ACCOUNTING] = Accounting(app[METRICS], writer)
+    log.info("usage ledger: %s", database.describe())
+    await writer.start()
+    try:
+        yield
+    finally:
+        await writer.close()
 
 
 def init_app(settings: GatewaySettings) -> web.Application:
     app = web.Application(middlewares=[request_id_and_errors], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app[METRICS] = GatewayMetrics()
+    app[AUTHENTICATOR] = Authenticator(settings.api_keys)
+    if app[AUTHENTICATOR].open_mode:
+        log.warning("open mode: no API keys are configured, every request is accepted (local development only)")
+    else:
+        log.info("API keys: %d configured; require_account=%s", len(settings.api_keys), settings.require_account)
+    app.cleanup_ctx.append(_usage_ledger)
     app.cleanup_ctx.append(_triton_channels)
     setup_routes(app)
     return app

@@ -12,11 +12,11 @@ import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-from gateway.errors import InvalidRequest
+from gateway.errors import InvalidRequest, ReplicaUnreachable
 from gateway.registry import ServedModel
 from gateway.schema import CompletionRequest, FinishReason, TokenUsage
 from gateway.stop_sequences import StopSequenceMatcher
-from gateway.triton_translation import GenerationPlan, ensemble_request
+from gateway.triton_translation import Chunk, GenerationPlan, ensemble_request
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ _stopping: set[asyncio.Task[None]] = set()
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    completion_tokens: int  # generated so far, this text included
 
 
 @dataclass(frozen=True)
@@ -65,22 +66,38 @@ async def run_completion(
     (or one client reusing an id) must never stop each other's generations.
     """
     triton_id = f"{request_id[:64]}-{uuid.uuid4().hex}"
-    log.debug("request %s runs in Triton as %s", request_id, triton_id)
+    request = ensemble_request(model.entry.ensemble, triton_id, plan)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     matcher = StopSequenceMatcher(plan.stop_sequences)
     completion_tokens = 0
-    finished = False
-    stream = model.endpoint.stream(ensemble_request(model.entry.ensemble, triton_id, plan))
+    endpoint = model.replicas.pick()
+    stream: AsyncGenerator[Chunk, None] | None = None
+    may_be_running = False  # whether `endpoint` may still be generating for us (then it must be stopped)
+    tried: list[str] = []
     try:
-        async for chunk in stream:
+        while True:
+            # A replica found unreachable before its first response is marked down and the request goes to the
+            # next one: nothing was generated for the client yet.
+            stream, may_be_running = endpoint.stream(request), True
+            try:
+                chunk = await anext(stream)
+                break
+            except ReplicaUnreachable as error:
+                await stream.aclose()
+                stream, may_be_running = None, False
+                model.replicas.mark_down(error.address, str(error))
+                tried.append(error.address)
+                endpoint = model.replicas.pick(exclude=tried)
+        log.debug("request %s runs on %s as %s", request_id, endpoint.address, triton_id)
+        while True:
             completion_tokens += chunk.tokens
             text = matcher.feed(decoder.decode(chunk.data, final=chunk.final))
             if chunk.final:
                 text += matcher.flush()
+                may_be_running = False
             if text:
-                yield TextDelta(text)
+                yield TextDelta(text, completion_tokens)
             if matcher.matched or chunk.final:
-                finished = chunk.final
                 reason: FinishReason = "stop"
                 if not matcher.matched and completion_tokens >= plan.max_tokens:
                     reason = "length"
@@ -91,12 +108,18 @@ async def run_completion(
                 )
                 yield Finished(reason, usage)
                 return
+            chunk = await anext(stream)
+    except ReplicaUnreachable as error:
+        model.replicas.mark_down(error.address, str(error))
+        may_be_running = False  # the server that ran it is gone
+        raise
     finally:
-        await stream.aclose()
-        if not finished:
-            # Cancelling the stream does not reach a decoupled model inside an ensemble: stop it by request id.
-            # In the background, so a client that left does not wait for it.
-            task = asyncio.ensure_future(model.endpoint.stop(model.entry.generation_model, triton_id, stop_timeout_s))
+        if stream is not None:
+            await stream.aclose()
+        if may_be_running:
+            # Cancelling the stream does not reach a decoupled model inside an ensemble: stop it by request id,
+            # on the replica that runs it. In the background, so a client that left does not wait for it.
+            task = asyncio.ensure_future(endpoint.stop(model.entry.generation_model, triton_id, stop_timeout_s))
             _stopping.add(task)
             task.add_done_callback(_stopping.discard)
 

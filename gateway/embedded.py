@@ -34,4 +34,5 @@ def embedded_settings(server: EmbeddedTriton, checkpoint: Path, host: str, port:
         context_length=config.max_position_embeddings,
         endpoints=[server.grpc_url],
     )
-    return GatewaySettings(host=host, port=port, models=[model])
+    # Open mode (no keys), usage ledger in SQLite next to the other cached files, logs for a terminal.
+    return GatewaySettings(host=host, port=port, models=[model], data_dir=cache_root() / "gateway", log_format="text")

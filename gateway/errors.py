@@ -11,6 +11,7 @@
     ├── RateLimited           429 rate_limited          (with Retry-After)
     ├── InferenceFailed       502 upstream_error        Triton answered with an error
     ├── UpstreamUnavailable   503 service_unavailable   Triton unreachable or the model not ready
+    │   └── ReplicaUnreachable                           one replica's connection failed (it is marked down)
     └── DeadlineExceeded      504 timeout
 
 The error middleware renders any of them as
@@ -98,3 +99,11 @@ class UpstreamUnavailable(GatewayError):
 class DeadlineExceeded(GatewayError):
     status = 504
     type = "timeout"
+
+
+class ReplicaUnreachable(UpstreamUnavailable):
+    """The connection to one Triton replica failed. `address` is for logs and health, never for the client."""
+
+    def __init__(self, message: str, address: str) -> None:
+        super().__init__(message)
+        self.address = address

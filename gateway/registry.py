@@ -1,4 +1,4 @@
-"""The served models: public id → ensemble, generation model, tokenizer (loaded once) and Triton endpoint."""
+"""The served models: public id → ensemble, generation model, tokenizer (loaded once) and Triton replicas."""
 
 from __future__ import annotations
 
@@ -6,17 +6,19 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
+from gateway.admission import ModelAdmission
 from gateway.errors import InvalidRequest, ModelNotFound
+from gateway.replicas import EndpointDirectory, ReplicaPool
 from gateway.schema import ModelCard
-from gateway.settings import ModelEntry
-from gateway.triton_channel import TritonEndpoint
+from gateway.settings import GatewaySettings, ModelEntry
 
 
 @dataclass
 class ServedModel:
     entry: ModelEntry
     tokenizer: Tokenizer
-    endpoint: TritonEndpoint
+    replicas: ReplicaPool
+    admission: ModelAdmission
 
     def count_prompt_tokens(self, prompt: str) -> int:
         # The same tokenizer as the ensemble's preprocessing, so the counts agree.
@@ -62,9 +64,16 @@ class ModelRegistry:
             raise ModelNotFound(f"model '{model_id}' is not served here", param="model") from None
 
     @classmethod
-    def load(cls, entries: list[ModelEntry], endpoints: dict[str, TritonEndpoint]) -> ModelRegistry:
+    def load(cls, settings: GatewaySettings, directory: EndpointDirectory) -> ModelRegistry:
         served = []
-        for entry in entries:
+        for entry in settings.models:
             tokenizer = Tokenizer.from_file(str(entry.tokenizer_dir / "tokenizer.json"))
-            served.append(ServedModel(entry=entry, tokenizer=tokenizer, endpoint=endpoints[entry.endpoints[0]]))
+            admission = ModelAdmission(
+                entry.id,
+                entry.max_concurrent,
+                settings.max_concurrent_per_account,
+                settings.max_queued,
+                settings.retry_after_s,
+            )
+            served.append(ServedModel(entry, tokenizer, ReplicaPool(entry, directory), admission))
         return cls(served)

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from triton_models import tensors as t
+
+ALL_ACCOUNTS = "*"
+
+
+class ApiKey(BaseModel):
+    """One API key, stored as its SHA-256 digest (`python -m gateway hash-key`), never in clear."""
+
+    id: Annotated[str, Field(min_length=1, max_length=64)]  # what the ledger and logs record
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    accounts: Annotated[list[str], Field(min_length=1)] = [ALL_ACCOUNTS]  # accounts it may use; "*": all
 
 
 class ModelEntry(BaseModel):
@@ -25,8 +35,22 @@ class ModelEntry(BaseModel):
     tokenizer_dir: Path  # a checkpoint directory with tokenizer.json: prompt tokens are counted with it
     context_length: Annotated[int, Field(ge=2)]
     default_max_tokens: Annotated[int, Field(ge=1)] = 512  # when the request gives none (capped by the context)
-    endpoints: Annotated[list[str], Field(min_length=1)]  # Triton gRPC addresses, host:port
+    # Triton gRPC addresses (host:port), one per replica. With discovery = "dns" each is a name that is
+    # re-resolved every dns_refresh_s, one replica per address it resolves to (a Kubernetes headless service).
+    endpoints: Annotated[list[str], Field(min_length=1)]
+    discovery: Literal["static", "dns"] = "static"
     accepts_images: bool = False
+    # Requests running at once for this model (None: no gateway limit; Triton queues); more wait in a queue.
+    max_concurrent: Annotated[int | None, Field(ge=1)] = None
+
+    @field_validator("endpoints")
+    @classmethod
+    def _host_and_port(cls, endpoints: list[str]) -> list[str]:
+        for endpoint in endpoints:
+            host, _, port = endpoint.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"endpoint {endpoint!r} is not host:port")
+        return endpoints
 
 
 class GatewaySettings(BaseSettings):
@@ -37,8 +61,33 @@ class GatewaySettings(BaseSettings):
     request_timeout_s: Annotated[float, Field(gt=0)] = 300.0  # the whole request, streaming included
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1 << 20
     stop_request_timeout_s: Annotated[float, Field(gt=0)] = 5.0
-    readiness_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+    readiness_timeout_s: Annotated[float, Field(gt=0)] = 2.0  # per Triton health check
+    health_check_interval_s: Annotated[float, Field(gt=0)] = 2.0  # how often every replica is checked
+    dns_refresh_s: Annotated[float, Field(gt=0)] = 10.0  # for models with discovery = "dns"
     models: list[ModelEntry] = Field(default_factory=list)
+
+    # Accounts and keys: no keys = open mode (local development). require_account: requests without an
+    # account get 400 (the API's "gradually enforced" account_id, enforced).
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    require_account: bool = False
+
+    # Limits: requests over max_concurrent (per model) or max_concurrent_per_account wait, fairly between
+    # accounts, in a queue of at most max_queued per model; a full queue, or a deadline reached while
+    # waiting, is 429 with Retry-After.
+    max_concurrent_per_account: Annotated[int | None, Field(ge=1)] = None
+    max_queued: Annotated[int, Field(ge=0)] = 256
+    retry_after_s: Annotated[int, Field(ge=1)] = 1
+
+    # Usage ledger: one row per request. SQLite (WAL) under data_dir unless ledger_dsn names PostgreSQL.
+    ledger_enabled: bool = True
+    data_dir: Path = Path(".cache/gateway")
+    ledger_dsn: str | None = None  # postgresql://user:password@host/db
+    ledger_batch_size: Annotated[int, Field(ge=1)] = 256
+    ledger_flush_interval_s: Annotated[float, Field(gt=0)] = 0.5
+    ledger_queue_size: Annotated[int, Field(ge=1)] = 100_000
+    ledger_retry_s: Annotated[float, Field(gt=0)] = 1.0
+
+    log_format: Literal["json", "text"] = "json"
 
     @model_validator(mode="after")
     def _unique_ids(self) -> GatewaySettings:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from gateway.errors import GatewayError, InferenceFailed, UpstreamUnavailable
+from gateway.errors import GatewayError, InferenceFailed, ReplicaUnreachable, UpstreamUnavailable
 from gateway.triton_translation import Chunk, read_chunk, stop_request
 
 log = logging.getLogger(__name__)
@@ -19,6 +18,10 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.keepalive_time_ms", 30_000),
+    # A replica that comes back must be reachable within seconds, not after gRPC's default backoff (up to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 
@@ -27,16 +30,18 @@ class TritonEndpoint:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        self.in_flight = 0  # streams open on this server, all models together: what balancing compares
 
     async def close(self) -> None:
         await self.channel.close()
 
-    async def model_ready(self, model: str, timeout_s: float) -> bool:
+    async def model_ready(self, model: str, timeout_s: float) -> tuple[bool, str | None]:
+        """(ready, why not)."""
         try:
             reply = await self.stub.ModelReady(service_pb2.ModelReadyRequest(name=model), timeout=timeout_s)
-        except grpc.aio.AioRpcError:
-            return False
-        return bool(reply.ready)
+        except grpc.aio.AioRpcError as error:
+            return False, f"unreachable ({error.code().name})"
+        return (True, None) if reply.ready else (False, f"model '{model}' is not ready")
 
     async def stream(self, request: service_pb2.ModelInferRequest) -> AsyncGenerator[Chunk, None]:
         """Send one request on its own ModelStreamInfer call and yield its responses until the final one.
@@ -48,6 +53,7 @@ class TritonEndpoint:
             yield request
 
         call = self.stub.ModelStreamInfer(requests())
+        self.in_flight += 1
         try:
             async for message in call:
                 if message.error_message:
@@ -60,6 +66,7 @@ class TritonEndpoint:
         except grpc.aio.AioRpcError as error:
             raise _rpc_error(error, self.address) from error
         finally:
+            self.in_flight -= 1
             call.cancel()
 
     async def stop(self, generation_model: str, request_id: str, timeout_s: float) -> None:
@@ -81,15 +88,6 @@ def _classify(message: str) -> GatewayError:
 
 def _rpc_error(error: grpc.aio.AioRpcError, address: str) -> GatewayError:
     if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-        return UpstreamUnavailable(f"the inference server at {address} is unavailable")
+        log.warning("Triton at %s: %s %s", address, error.code().name, error.details())
+        return ReplicaUnreachable("the inference server became unreachable", address)
     return _classify(error.details() or str(error.code()))
-
-
-@contextlib.asynccontextmanager
-async def open_endpoints(addresses: list[str]) -> AsyncIterator[dict[str, TritonEndpoint]]:
-    endpoints = {address: TritonEndpoint(address) for address in dict.fromkeys(addresses)}
-    try:
-        yield endpoints
-    finally:
-        for endpoint in endpoints.values():
-            await endpoint.close()

@@ -5,16 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from gateway.accounting import CLIENT_CLOSED, RequestTrace
+from gateway.auth import resolve_account
 from gateway.completions import Event, Finished, TextDelta, plan_completion, run_completion
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidRequest
 from gateway.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from gateway.schema import Completion, CompletionRequest, CompletionResponse, ModelList
-from gateway.state import REGISTRY, SETTINGS
+from gateway.state import ACCOUNTING, AUTHENTICATOR, METRICS, REGISTRY, SETTINGS
+
+PROMPT_TOKENS_HEADER = "x-usage-prompt-tokens"
+COMPLETION_TOKENS_HEADER = "x-usage-completion-tokens"
+TTFT_HEADER = "x-time-to-first-token-ms"
 
 
 def _validation_error(error: ValidationError) -> InvalidRequest:
@@ -44,28 +52,89 @@ def _sse(payload: str, event: str | None = None) -> bytes:
 
 
 async def create_completion(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    caller = app[AUTHENTICATOR].authenticate(request)  # 401 before the body is read
     body = await _read_request(request)
+    settings = app[SETTINGS]
+    account = resolve_account(request, body.account_id, settings.require_account)
+    if account is not None:
+        caller.check_account(account)
+    request_id = request[REQUEST_ID]
+    trace = RequestTrace(request_id, body.model, account, caller.key_id, body.stream)
+    try:
+        return await _complete(request, body, trace)
+    except GatewayError as error:
+        trace.status, trace.error = error.status, error.type
+        raise
+    except asyncio.CancelledError:
+        trace.status, trace.error = CLIENT_CLOSED, "client_closed"
+        raise
+    except Exception:
+        trace.status, trace.error = 500, "internal_error"
+        raise
+    finally:
+        app[ACCOUNTING].finish(trace)
+
+
+async def _complete(request: web.Request, body: CompletionRequest, trace: RequestTrace) -> web.StreamResponse:
     model = request.app[REGISTRY].get(body.model)
     plan = plan_completion(model, body)
+    trace.prompt_tokens = plan.prompt_tokens
     settings = request.app[SETTINGS]
-    request_id = request[REQUEST_ID]
+    metrics = request.app[METRICS]
     deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
-    async with contextlib.aclosing(run_completion(model, plan, request_id, settings.stop_request_timeout_s)) as events:
-        if body.stream:
-            return await _stream(request, events, request_id, deadline)
-        text: list[str] = []
-        try:
-            async with asyncio.timeout_at(deadline):
-                async for event in events:
-                    if isinstance(event, TextDelta):
-                        text.append(event.text)
-                        continue
-                    completion = Completion(text="".join(text), finish_reason=event.finish_reason)
-                    body_out = CompletionResponse(completion=completion, token_usage=event.usage)
-                    return web.json_response(body_out.model_dump(mode="json"))
-        except TimeoutError as error:
-            raise _deadline(settings.request_timeout_s) from error
+    queued = metrics.queued.labels(model.entry.id)
+    queued.inc()
+    waiting = True
+    try:
+        async with model.admission.slot(trace.account_id, deadline):
+            queued.dec()
+            waiting = False
+            trace.queue_wait_s = time.perf_counter() - trace.arrived
+            metrics.queue_wait.labels(model.entry.id).observe(trace.queue_wait_s)
+            with metrics.in_flight.labels(model.entry.id).track_inprogress():
+                events = run_completion(model, plan, trace.request_id, settings.stop_request_timeout_s)
+                async with contextlib.aclosing(events):
+                    if body.stream:
+                        return await _stream(request, events, trace, deadline)
+                    return await _respond(events, trace, deadline, settings.request_timeout_s)
+    finally:
+        if waiting:
+            queued.dec()
+
+
+async def _respond(
+    events: AsyncIterator[Event], trace: RequestTrace, deadline: float, timeout_s: float
+) -> web.Response:
+    text: list[str] = []
+    try:
+        async with asyncio.timeout_at(deadline):
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    trace.text_arrived()
+                    trace.completion_tokens = event.completion_tokens
+                    text.append(event.text)
+                    continue
+                _finished(trace, event)
+                completion = Completion(text="".join(text), finish_reason=event.finish_reason)
+                body_out = CompletionResponse(completion=completion, token_usage=event.usage)
+                ttft = trace.time_to_first_token_s
+                headers = {
+                    PROMPT_TOKENS_HEADER: str(event.usage.prompt),
+                    COMPLETION_TOKENS_HEADER: str(event.usage.completion),
+                }
+                if ttft is not None:
+                    headers[TTFT_HEADER] = f"{ttft * 1000:.1f}"
+                return web.json_response(body_out.model_dump(mode="json"), headers=headers)
+    except TimeoutError as error:
+        raise _deadline(timeout_s) from error
     raise GatewayError("the generation ended without a final response")
+
+
+def _finished(trace: RequestTrace, event: Finished) -> None:
+    trace.finish_reason = event.finish_reason
+    trace.prompt_tokens = event.usage.prompt
+    trace.completion_tokens = event.usage.completion
 
 
 def _deadline(seconds: float) -> DeadlineExceeded:
@@ -81,7 +150,7 @@ async def _next_before(events: AsyncIterator[Event], deadline: float) -> Event:
 
 
 async def _stream(
-    request: web.Request, events: AsyncIterator[Event], request_id: str, deadline: float
+    request: web.Request, events: AsyncIterator[Event], trace: RequestTrace, deadline: float
 ) -> web.StreamResponse:
     timeout_s = request.app[SETTINGS].request_timeout_s
     # Wait for the first event before sending headers: an error before any text is still a plain HTTP error.
@@ -90,19 +159,29 @@ async def _stream(
     except TimeoutError as error:
         raise _deadline(timeout_s) from error
     response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", REQUEST_ID_HEADER: request_id}
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", REQUEST_ID_HEADER: trace.request_id}
     )
     await response.prepare(request)
+    failure: GatewayError | None = None
     try:
         while True:
+            if isinstance(event, TextDelta):
+                trace.text_arrived()
+                trace.completion_tokens = event.completion_tokens
+            else:
+                _finished(trace, event)
             await response.write(_sse(_event_json(event)))
             if isinstance(event, Finished):
                 break
             event = await _next_before(events, deadline)
     except GatewayError as error:
-        await response.write(_sse(json.dumps(error.body(request_id)), event="error"))
+        failure = error
     except TimeoutError:
-        await response.write(_sse(json.dumps(_deadline(timeout_s).body(request_id)), event="error"))
+        failure = _deadline(timeout_s)
+    if failure is not None:
+        # The status line went out as 200; the error travels as an event, and the trace records it.
+        trace.status, trace.error = failure.status, failure.type
+        await response.write(_sse(json.dumps(failure.body(trace.request_id)), event="error"))
     await response.write_eof()
     return response
 
@@ -132,11 +211,24 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready when every model has at least one ready replica; checks them all now (not the last round's result)."""
     registry = request.app[REGISTRY]
     timeout = request.app[SETTINGS].readiness_timeout_s
-    checks = await asyncio.gather(
-        *(m.endpoint.model_ready(m.entry.ensemble, timeout) for m in registry.models.values())
-    )
-    models = {model_id: ready for model_id, ready in zip(registry.models, checks, strict=True)}
-    status = 200 if all(checks) else 503
-    return web.json_response({"status": "ready" if status == 200 else "not ready", "models": models}, status=status)
+    pools = [m.replicas for m in registry.models.values()]
+    await asyncio.gather(*(pool.check(timeout) for pool in pools))
+    models = {model_id: pool.ready for model_id, pool in zip(registry.models, pools, strict=True)}
+    replicas = {model_id: pool.state() for model_id, pool in zip(registry.models, pools, strict=True)}
+    status = 200 if all(models.values()) else 503
+    body = {"status": "ready" if status == 200 else "not ready", "models": models, "replicas": replicas}
+    return web.json_response(body, status=status)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; replica gauges are read from the replica pools at scrape time."""
+    gauges = request.app[METRICS]
+    for model_id, model in request.app[REGISTRY].models.items():
+        for address, replica in model.replicas.replicas.items():
+            gauges.replica_ready.labels(model_id, address).set(1 if replica.ready else 0)
+            gauges.replica_in_flight.labels(address).set(replica.endpoint.in_flight)
+    body = generate_latest(gauges.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -16,6 +16,7 @@ kind of machine):
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import re
@@ -77,6 +78,8 @@ class EmbeddedTriton:
     ready_timeout_s: float = 180.0
     server_root: Path | None = None  # default: the nvidia-pytriton wheel's tritonserver folder
     extra_args: tuple[str, ...] = ()
+    cpus: frozenset[int] | None = None  # pin the server (and its model stubs) to these cores
+    env: dict[str, str] = field(default_factory=dict)  # added to the server's environment
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -132,9 +135,9 @@ class EmbeddedTriton:
                 command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self._environment(),
+                env={**self._environment(), **self.env},
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop the server in order
-                preexec_fn=_terminate_with_parent,
+                preexec_fn=functools.partial(_prepare_child, self.cpus),
             )
         try:
             self._wait_until_ready()
@@ -229,10 +232,13 @@ class EmbeddedTriton:
         return f"Triton exited with code {code}; last log lines:\n{_tail(log)}"
 
 
-def _terminate_with_parent() -> None:
-    """In the child before exec: if the process that started the server dies, the server gets SIGTERM."""
+def _prepare_child(cpus: frozenset[int] | None) -> None:
+    """In the child before exec: if the process that started the server dies, the server gets SIGTERM; and
+    the CPU pinning, which the model stubs it starts inherit."""
     import ctypes
 
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     pr_set_pdeathsig = 1
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)

@@ -20,6 +20,7 @@ from gateway.settings import GatewaySettings
 from tests.triton_client import StreamingClient
 from triton_models import tensors as t
 from triton_models.launcher import EmbeddedTriton
+from triton_models.serve import server_command, world_size
 
 CATALOG = load_targets()
 GPU_TARGETS = sorted(name for name, target in CATALOG.targets.items() if target.is_gpu)
@@ -73,6 +74,9 @@ def _check_dry_run(checkpoint: Path, target_name: str, out: Path) -> None:
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["dry_run"] and manifest["commands"] == [s.shell() for s in plan.steps]
     assert len(manifest["checkpoint_sha256"]) == 64
+    # The Triton image's entry point starts one tritonserver rank per GPU of the engine.
+    assert world_size(result.repository) == target.world_size
+    assert server_command(result.repository, world_size(result.repository)).count("tritonserver") == target.world_size
 
 
 @pytest.mark.parametrize("target_name", GPU_TARGETS)

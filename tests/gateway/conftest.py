@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ def model_entry(checkpoint: Path, endpoint: str, model_id: str = MODEL) -> Model
 
 
 def gateway_settings(models: list[ModelEntry], **overrides: object) -> GatewaySettings:
+    """Settings for a test gateway on a free port, its usage ledger in a fresh folder."""
+    overrides.setdefault("data_dir", Path(tempfile.mkdtemp(prefix="gateway-data-")))
     return GatewaySettings(host="127.0.0.1", port=free_port(), models=models, **overrides)  # type: ignore[arg-type]
 
 

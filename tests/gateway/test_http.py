@@ -238,7 +238,7 @@ def test_streamed_events_have_exactly_the_schemas_shape() -> None:
 
     for text in ("plain", 'quotes " and \\ backslash\n', "é 東京 😀"):
         expected = CompletionResponse(completion=Completion(text=text)).model_dump(mode="json")
-        assert json.loads(_event_json(TextDelta(text))) == expected
+        assert json.loads(_event_json(TextDelta(text, 1))) == expected
     usage = TokenUsage(prompt=3, completion=2, total=5)
     last = json.loads(_event_json(Finished("length", usage)))
     assert last == {
@@ -254,13 +254,15 @@ def test_a_model_missing_in_triton_is_503_and_not_ready(
     with GatewayThread(gateway_settings([entry])) as running:
         code, _, payload = post(running.url, {"model": MODEL, "prompt": "hi"})
         assert code == 503
-        assert "not available" in payload["error"]["message"]
+        assert "model 'not_loaded' is not ready" in payload["error"]["message"]
 
         async def ready() -> tuple[int, Any]:
             async with aiohttp.ClientSession() as session, session.get(f"{running.url}/readyz") as response:
                 return response.status, await response.json()
 
-        assert asyncio.run(ready()) == (503, {"status": "not ready", "models": {MODEL: False}})
+        status, body = asyncio.run(ready())
+        assert (status, body["status"], body["models"]) == (503, "not ready", {MODEL: False})
+        assert body["replicas"][MODEL][reference_triton.grpc_url]["error"] == "model 'not_loaded' is not ready"
 
 
 def test_clients_reusing_a_request_id_do_not_stop_each_other(gateway: RunningGateway) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -46,22 +48,33 @@ def _ask(url: str) -> str:
 def test_serve_with_a_config_file_against_an_external_triton(
     reference_triton: EmbeddedTriton, reference_checkpoint: Path, tmp_path: Path
 ) -> None:
+    """The production path: a config file, JSON logs, and the usage ledger flushed on SIGTERM."""
     port = free_port()
     config = tmp_path / "gateway.toml"
     config.write_text(
-        f'host = "127.0.0.1"\nport = {port}\n[[models]]\nid = "{REFERENCE_MODEL_ID}"\n'
-        f'tokenizer_dir = "{reference_checkpoint}"\ncontext_length = 8192\n'
+        f'host = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp_path / "data"}"\n[[models]]\n'
+        f'id = "{REFERENCE_MODEL_ID}"\ntokenizer_dir = "{reference_checkpoint}"\ncontext_length = 8192\n'
         f'endpoints = ["{reference_triton.grpc_url}"]\n'
     )
-    process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)], cwd=ROOT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)], cwd=ROOT, stderr=subprocess.PIPE
+    )
     try:
         _wait_ready(f"http://127.0.0.1:{port}", process, 30)
         assert "Paris" in _ask(f"http://127.0.0.1:{port}")
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
+        _, stderr = process.communicate(timeout=30)
+        assert process.returncode == 0
     finally:
         if process.poll() is None:
             process.kill()
+            process.communicate()
+    logs = [json.loads(line) for line in stderr.decode().splitlines()]  # every line is JSON
+    [access] = [entry for entry in logs if entry["logger"] == "gateway.access"]
+    assert access["status"] == 200 and access["model"] == REFERENCE_MODEL_ID and access["completion_tokens"] > 0
+    with sqlite3.connect(tmp_path / "data" / "ledger.sqlite3") as ledger:
+        rows = ledger.execute("SELECT request_id, completion_tokens, status FROM usage_records").fetchall()
+    assert rows == [(access["request_id"], access["completion_tokens"], 200)]
 
 
 def test_environment_overrides_the_config_file(reference_checkpoint: Path, tmp_path: Path) -> None:

@@ -1,0 +1,82 @@
+"""API keys and accounts: who is calling, and on behalf of which account.
+
+Keys are configured as SHA-256 digests (`python -m gateway hash-key`), never in clear; a presented key is
+hashed and compared against every configured digest in constant time. With no keys configured the gateway
+runs in open mode (local development: `make serve`), which it says in its start-up log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
+from gateway.settings import ALL_ACCOUNTS, ApiKey
+
+API_KEY_HEADER = "x-api-key"
+ACCOUNT_HEADER = "x-selected-account-id"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated caller: the key's id (None in open mode) and the accounts it may act for."""
+
+    key_id: str | None
+    accounts: frozenset[str]  # {ALL_ACCOUNTS} for every account
+
+    def may_use(self, account: str) -> bool:
+        return ALL_ACCOUNTS in self.accounts or account in self.accounts
+
+    def check_account(self, account: str) -> None:
+        if not self.may_use(account):
+            raise PermissionDenied(f"this API key may not use account '{account}'", param="account_id")
+
+
+OPEN_MODE = Caller(key_id=None, accounts=frozenset({ALL_ACCOUNTS}))
+
+
+class Authenticator:
+    def __init__(self, keys: list[ApiKey]) -> None:
+        self._keys = [(bytes.fromhex(k.sha256), k) for k in keys]
+
+    @property
+    def open_mode(self) -> bool:
+        return not self._keys
+
+    def authenticate(self, request: web.Request) -> Caller:
+        if self.open_mode:
+            return OPEN_MODE
+        presented = request.headers.get(API_KEY_HEADER)
+        if not presented:
+            raise AuthenticationFailed(f"missing API key: send it in the {API_KEY_HEADER} header")
+        digest = hashlib.sha256(presented.encode()).digest()
+        found: ApiKey | None = None
+        for stored, key in self._keys:  # no early exit: the time taken does not depend on which key matched
+            if hmac.compare_digest(stored, digest):
+                found = key
+        if found is None:
+            raise AuthenticationFailed("invalid API key")
+        return Caller(key_id=found.id, accounts=frozenset(found.accounts))
+
+
+def resolve_account(request: web.Request, body_account: str | None, require_account: bool) -> str | None:
+    """The account of a request, from the body's `account_id` or the `x-selected-account-id` header."""
+    header = request.headers.get(ACCOUNT_HEADER) or None
+    if header is not None and body_account is not None and header != body_account:
+        raise InvalidRequest(
+            f"account_id in the body ('{body_account}') and the {ACCOUNT_HEADER} header ('{header}') differ",
+            param="account_id",
+        )
+    account = body_account if body_account is not None else header
+    if account is None and require_account:
+        raise InvalidRequest(
+            f"an account is required: send account_id in the body or the {ACCOUNT_HEADER} header", param="account_id"
+        )
+    return account

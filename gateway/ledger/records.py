@@ -1,0 +1,46 @@
+"""What the ledger stores: one UsageRecord per completion request."""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from dataclasses import dataclass, field
+
+COLUMNS = (
+    "record_id",
+    "created_at",
+    "day",
+    "request_id",
+    "account_id",
+    "api_key_id",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "finish_reason",
+    "status",
+    "time_to_first_token_ms",
+    "duration_ms",
+)
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    created_at: float  # Unix time the request arrived
+    request_id: str
+    account_id: str | None
+    api_key_id: str | None
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+    status: int
+    time_to_first_token_ms: float | None
+    duration_ms: float
+    record_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def day(self) -> str:
+        return datetime.datetime.fromtimestamp(self.created_at, datetime.UTC).date().isoformat()
+
+    def row(self) -> tuple[object, ...]:
+        return tuple(self.day if name == "day" else getattr(self, name) for name in COLUMNS)

@@ -1,0 +1,226 @@
+"""Several real Triton replicas behind one gateway: balancing, a replica killed mid-load, and its return."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from build_engines.repository import RepositorySettings, render_repository
+from tests.gateway.conftest import MODEL, GatewayThread, RunningGateway, gateway_settings, model_entry
+from tests.prompts import VARIED_PROMPTS
+from tests.triton_client import metric_value, wait_for_metric
+from triton_models.launcher import EmbeddedTriton
+
+SUCCESSES = 'nv_inference_request_success{model="ensemble"'
+
+
+@pytest.fixture(scope="module")
+def repository(reference_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("replicas")
+    return render_repository(RepositorySettings(checkpoint_dir=str(reference_checkpoint)), root / "repository")
+
+
+@pytest.fixture
+def two_replicas(repository: Path, tmp_path: Path) -> Iterator[list[EmbeddedTriton]]:
+    servers = [EmbeddedTriton(repository, log_path=tmp_path / f"triton-{i}.log").start() for i in range(2)]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def _gateway(checkpoint: Path, servers: list[EmbeddedTriton]) -> GatewayThread:
+    entry = model_entry(checkpoint, servers[0].grpc_url).model_copy(update={"endpoints": [s.grpc_url for s in servers]})
+    return GatewayThread(gateway_settings([entry], health_check_interval_s=0.25))
+
+
+async def _readyz(url: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/readyz") as response:
+        return response.status, await response.json()
+
+
+async def _complete(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int) -> tuple[int, Any]:
+    body = {"model": MODEL, "prompt": prompt, "model_parameters": {"max_tokens": max_tokens, "temperature": 0}}
+    async with session.post(f"{url}/v4/completions", json=body) as response:
+        return response.status, await response.json()
+
+
+def test_streams_are_balanced_across_replicas(reference_checkpoint: Path, two_replicas: list[EmbeddedTriton]) -> None:
+    before = [metric_value(s.metrics_url, SUCCESSES) for s in two_replicas]
+    with _gateway(reference_checkpoint, two_replicas) as running:
+
+        async def run() -> list[tuple[int, Any]]:
+            async with aiohttp.ClientSession() as session:
+                calls = [_complete(session, running.url, VARIED_PROMPTS[i % 4], 8) for i in range(8)]
+                return await asyncio.gather(*calls)
+
+        results = asyncio.run(run())
+    assert [status for status, _ in results] == [200] * 8
+    served = _served(two_replicas, before, total=8)
+    assert served == [4, 4]  # 8 concurrent requests, least outstanding first: half each
+
+
+def test_clients_that_leave_are_stopped_on_the_replica_that_runs_them(
+    reference_checkpoint: Path, two_replicas: list[EmbeddedTriton]
+) -> None:
+    with _gateway(reference_checkpoint, two_replicas) as running:
+
+        async def leave_after_first_event() -> None:
+            streams = [_Stream() for _ in range(4)]
+            async with aiohttp.ClientSession() as session:
+                tasks = [asyncio.create_task(s.run(session, running.url, VARIED_PROMPTS[1], 400)) for s in streams]
+                await asyncio.wait_for(asyncio.gather(*(s.started.wait() for s in streams)), 60)
+                _, state = await _readyz(running.url)
+                assert [r["in_flight"] for r in state["replicas"][MODEL].values()] == [2, 2]
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run(leave_after_first_event())
+        for server in two_replicas:
+            wait_for_metric(server.metrics_url, "cpu_llm_active_sequences", 0, timeout_s=2.0)
+
+
+class _Stream:
+    """One streaming request, recording its text, its final event or its error, and when it ended."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.prompt = ""
+        self.text = ""
+        self.final: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+        self.ended_at = 0.0
+
+    async def run(self, session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int) -> None:
+        self.prompt = prompt
+        parameters = {"max_tokens": max_tokens, "temperature": 0}
+        body = {"model": MODEL, "prompt": prompt, "stream": True, "model_parameters": parameters}
+        async with session.post(f"{url}/v4/completions", json=body) as response:
+            assert response.status == 200
+            event = None
+            async for line in response.content:
+                if line.startswith(b"event: "):
+                    event = line[len(b"event: ") :].strip().decode()
+                elif line.startswith(b"data: "):
+                    payload = json.loads(line[len(b"data: ") :])
+                    if event == "error":
+                        self.error = payload["error"]
+                    elif payload["completion"]["finish_reason"] is not None:
+                        self.final = payload
+                    else:
+                        self.text += payload["completion"]["text"]
+                    self.started.set()
+        self.ended_at = time.monotonic()
+
+
+def test_a_replica_killed_mid_load_fails_only_its_own_streams_and_comes_back(
+    reference_checkpoint: Path, two_replicas: list[EmbeddedTriton]
+) -> None:
+    victim, survivor = two_replicas
+    with _gateway(reference_checkpoint, two_replicas) as running:
+        streams = [_Stream() for _ in range(16)]
+
+        async def kill_mid_load() -> tuple[float, dict[str, Any], list[tuple[int, Any]]]:
+            async with aiohttp.ClientSession() as session:
+                tasks = [
+                    asyncio.create_task(s.run(session, running.url, VARIED_PROMPTS[i % 4], 200))
+                    for i, s in enumerate(streams)
+                ]
+                await asyncio.wait_for(asyncio.gather(*(s.started.wait() for s in streams)), 60)
+                _, before = await _readyz(running.url)
+                assert victim.process is not None
+                # The whole process group, as when a container or node dies: the Python-backend stubs go too.
+                os.killpg(victim.process.pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+                # New requests right after the kill, before any health check ran, still succeed.
+                after_kill = await asyncio.gather(*(_complete(session, running.url, "Hello", 4) for _ in range(4)))
+                await asyncio.wait_for(asyncio.gather(*tasks), 120)
+                return killed_at, before, after_kill
+
+        killed_at, before, after_kill = asyncio.run(kill_mid_load())
+        on_victim = before["replicas"][MODEL][victim.grpc_url]["in_flight"]
+        failed = [s for s in streams if s.error is not None]
+        completed = [s for s in streams if s.final is not None]
+        assert on_victim == 8 and len(failed) == 8 and len(completed) == 8
+        for stream in failed:
+            assert stream.error is not None and stream.error["type"] == "service_unavailable"
+            assert stream.error["message"] == "the inference server became unreachable"
+            assert victim.grpc_url not in json.dumps(stream.error)  # no internal addresses for clients
+            assert stream.ended_at - killed_at < 1.0
+        texts: dict[str, set[str]] = {}
+        for stream in completed:
+            assert stream.final is not None and stream.final["token_usage"]["completion"] > 0 and stream.text
+            texts.setdefault(stream.prompt, set()).add(stream.text)
+        assert all(len(variants) == 1 for variants in texts.values())  # greedy: one answer per prompt, no mix-ups
+        assert [status for status, _ in after_kill] == [200] * 4
+
+        status, ready = asyncio.run(_readyz(running.url))
+        assert status == 200  # one replica is enough to be ready
+        assert ready["replicas"][MODEL][victim.grpc_url]["ready"] is False
+        assert ready["replicas"][MODEL][survivor.grpc_url]["ready"] is True
+
+        victim.stop()
+        revived = EmbeddedTriton(victim.repository, ports=victim.ports, log_path=victim.log_path).start()
+        two_replicas[0] = revived
+        revived_at = time.monotonic()
+        _wait_until_replica_ready(running, revived.grpc_url, timeout_s=5.0)
+        assert time.monotonic() - revived_at < 5.0
+
+        async def spread() -> list[tuple[int, Any]]:
+            async with aiohttp.ClientSession() as session:
+                return await asyncio.gather(*(_complete(session, running.url, "Hello", 4) for _ in range(4)))
+
+        assert [status for status, _ in asyncio.run(spread())] == [200] * 4
+        assert _served([revived], [0.0], total=2) == [2]  # it takes its share again
+
+
+def _served(servers: list[EmbeddedTriton], before: list[float], total: int) -> list[float]:
+    """Requests each server counted since `before`, once they add up to total (Triton counts a decoupled
+    request a moment after its final response went out)."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        served = [metric_value(s.metrics_url, SUCCESSES) - b for s, b in zip(servers, before, strict=True)]
+        if sum(served) >= total or time.monotonic() > deadline:
+            return served
+        time.sleep(0.05)
+
+
+def _wait_until_replica_ready(running: RunningGateway, address: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _, body = asyncio.run(_readyz(running.url))
+        if body["replicas"][MODEL][address]["ready"]:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"replica {address} not ready after {timeout_s} s: {body}")
+        time.sleep(0.1)
+
+
+def test_dns_discovery_finds_the_replicas_behind_a_name(
+    reference_checkpoint: Path, reference_triton: EmbeddedTriton
+) -> None:
+    """As with a Kubernetes headless service: one name, one replica per address it resolves to."""
+    port = reference_triton.grpc_url.rsplit(":", 1)[1]
+    entry = model_entry(reference_checkpoint, f"localhost:{port}").model_copy(update={"discovery": "dns"})
+    with GatewayThread(gateway_settings([entry], dns_refresh_s=0.5)) as running:
+
+        async def run() -> tuple[tuple[int, Any], tuple[int, Any]]:
+            async with aiohttp.ClientSession() as session:
+                answer = await _complete(session, running.url, "Hello", 4)
+            return answer, await _readyz(running.url)
+
+        (status, _), (ready_status, ready) = asyncio.run(run())
+    assert status == 200 and ready_status == 200
+    assert f"127.0.0.1:{port}" in ready["replicas"][MODEL]
+    # Whatever else "localhost" resolves to (::1 here, where Triton does not listen) is tried and marked down.
+    replicas = ready["replicas"][MODEL]
+    assert all(state["ready"] == (address == f"127.0.0.1:{port}") for address, state in replicas.items())
