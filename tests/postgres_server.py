@@ -7,6 +7,7 @@ neither works.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -88,8 +89,6 @@ class PostgresServer:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
 
     def destroy(self) -> None:
-        try:
+        with contextlib.suppress(PostgresUnavailable):  # already stopped
             self.stop("immediate")
-        except PostgresUnavailable:
-            pass
         shutil.rmtree(self.root, ignore_errors=True)

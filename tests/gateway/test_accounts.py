@@ -101,12 +101,12 @@ def test_keys_and_accounts(
 def test_the_sdk_sends_its_key_and_account(keyed_gateway: RunningGateway) -> None:
     with scale_gp.SGPClient(base_url=keyed_gateway.url, api_key="key-b", account_id="acct-3") as client:
         assert client.completions.create(model=MODEL, prompt="Hello", model_parameters={"max_tokens": 2}).completion
-    with scale_gp.SGPClient(base_url=keyed_gateway.url, api_key="nope", max_retries=0) as client:
-        with pytest.raises(scale_gp.AuthenticationError):
-            client.completions.create(model=MODEL, prompt="Hello")
-    with scale_gp.SGPClient(base_url=keyed_gateway.url, api_key="key-b", account_id="acct-1", max_retries=0) as client:
-        with pytest.raises(scale_gp.PermissionDeniedError):
-            client.completions.create(model=MODEL, prompt="Hello")
+    wrong_key = scale_gp.SGPClient(base_url=keyed_gateway.url, api_key="nope", max_retries=0)
+    with wrong_key as client, pytest.raises(scale_gp.AuthenticationError):
+        client.completions.create(model=MODEL, prompt="Hello")
+    foreign = scale_gp.SGPClient(base_url=keyed_gateway.url, api_key="key-b", account_id="acct-1", max_retries=0)
+    with foreign as client, pytest.raises(scale_gp.PermissionDeniedError):
+        client.completions.create(model=MODEL, prompt="Hello")
 
 
 def test_require_account_makes_it_mandatory(reference_checkpoint: Path, reference_triton: EmbeddedTriton) -> None:
@@ -162,9 +162,9 @@ def _stored_rows(running: RunningGateway) -> list[dict[str, Any]]:
 
 
 async def _usage(url: str, key: str, **query: str) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{url}/v4/usage", params=query, headers={"x-api-key": key}) as response:
-            return response.status, await response.json()
+    headers = {"x-api-key": key}
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/v4/usage", params=query, headers=headers) as r:
+        return r.status, await r.json()
 
 
 def _mixed_load(url: str, count: int, prefix: str, concurrency: int = 8) -> dict[str, tuple[str, dict[str, Any]]]:
