@@ -14,11 +14,14 @@ COPY cpu_engine ./cpu_engine
 COPY triton_models ./triton_models
 COPY model_repository ./model_repository
 # The gateway's own dependencies only (no Triton server, no engine): `pip install .` without extras.
-RUN python -m pip install --no-cache-dir .
+RUN python -m pip install --no-cache-dir . \
+ && mkdir /data && chown 10001 /data
 
 USER 10001
 EXPOSE 8080
-ENV GATEWAY_HOST=0.0.0.0 GATEWAY_PORT=8080
+# /data: the usage ledger's SQLite file and spill files (a volume; or set GATEWAY_LEDGER_DSN for PostgreSQL).
+ENV GATEWAY_HOST=0.0.0.0 GATEWAY_PORT=8080 GATEWAY_DATA_DIR=/data
+VOLUME ["/data"]
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/readyz', timeout=2)"]
 

@@ -30,6 +30,8 @@ class ModelParameters(BaseModel):
     def _non_empty_sequences(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and any(s == "" for s in value):
             raise ValueError("stop sequences must not be empty strings")
+        if value is not None and any("\x00" in s for s in value):
+            raise ValueError("stop sequences must not contain NUL characters")
         return value
 
 
@@ -55,6 +57,8 @@ class CompletionRequest(BaseModel):
     def _prompt_not_empty(cls, value: str) -> str:
         if value == "":
             raise ValueError("the prompt must not be empty")
+        if "\x00" in value:  # no tokenizer means anything by it, and C code downstream would cut the text there
+            raise ValueError("the prompt must not contain NUL characters")
         return value
 
 

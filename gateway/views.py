@@ -35,9 +35,17 @@ def _validation_error(error: ValidationError) -> InvalidRequest:
 async def _read_request(request: web.Request) -> CompletionRequest:
     raw = await request.read()
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidRequest(f"the body is not valid JSON: {error}") from error
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidRequest(f"the body is not valid UTF-8 (byte {error.start})") from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvalidRequest(f"the body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvalidRequest("the body is not acceptable JSON: nested too deeply") from None
+    except ValueError as error:  # e.g. an integer with thousands of digits
+        raise InvalidRequest(f"the body is not acceptable JSON: {error}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
     try:

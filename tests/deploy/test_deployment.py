@@ -43,7 +43,8 @@ def test_the_ngc_release_is_the_one_build_engines_targets_everywhere() -> None:
 
 def test_the_cpu_compose_variant_differs_only_in_gpus_and_the_build_target() -> None:
     gpu, cpu = _compose("compose.yaml"), _compose("compose.yaml", "compose.cpu.yaml")
-    assert set(gpu["services"]) == set(cpu["services"]) == {"build-engines", "triton", "gateway", "prometheus"}
+    services = {"build-engines", "triton", "gateway", "prometheus", "grafana"}
+    assert set(gpu["services"]) == set(cpu["services"]) == services
     for name in ("triton", "build-engines"):
         devices = gpu["services"][name]["deploy"]["resources"]["reservations"]["devices"]
         assert devices == [{"driver": "nvidia", "count": -1, "capabilities": ["gpu"]}]
@@ -140,3 +141,28 @@ def test_engine_dependencies_are_extras_not_gateway_requirements(dependency: str
     assert not any(requirement.startswith(dependency) for requirement in project["dependencies"])
     extras = project["optional-dependencies"]
     assert any(r.startswith(dependency) for r in extras["models"] + extras["embedded"])
+
+
+def test_the_dashboard_plots_metrics_that_exist() -> None:
+    """Every gateway metric the Grafana dashboard queries is one the gateway exports (Triton's are nv_*)."""
+    from prometheus_client import generate_latest
+
+    from gateway.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics()
+    metrics.requests.labels("m", "200", "stop").inc()  # labelled families appear once they have a child
+    for family in (metrics.time_to_first_token, metrics.inter_token_latency, metrics.request_duration,
+                   metrics.queue_wait, metrics.prompt_tokens, metrics.completion_tokens, metrics.in_flight,
+                   metrics.queued):  # fmt: skip
+        family.labels("m")
+    metrics.replica_ready.labels("m", "r")
+    metrics.replica_in_flight.labels("r")
+    exported = {line.split("{")[0].split(" ")[0] for line in generate_latest(metrics.registry).decode().splitlines()
+                if line and not line.startswith("#")}  # fmt: skip
+    dashboard = json.loads((ROOT / "docker" / "grafana" / "dashboards" / "triton-completions.json").read_text())
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {name for expr in expressions for name in re.findall(r"\b(gateway_[a-z_]+)", expr)}
+    assert used and used <= exported, used - exported
+    assert len(dashboard["panels"]) >= 10
+    compose = _compose("compose.yaml")["services"]["grafana"]
+    assert any(volume["target"] == "/var/lib/grafana/dashboards" for volume in compose["volumes"])

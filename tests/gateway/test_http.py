@@ -62,6 +62,19 @@ BAD_REQUESTS = [
     ({"model": MODEL, "prompt": "hi", "model_parameters": {"max_tokens": 9000}}, 400, "(1) + max_tokens (9000)", None),
     ({"model": MODEL, "prompt": "hi", "images": [{"image_url": "data:,"}]}, 400, "does not accept images", "images"),
     ({"model": "gpt-nope", "prompt": "hi"}, 404, "gpt-nope", "model"),
+    # Hostile bodies: each a 400 naming the problem, never a 500.
+    (b'{"model": "m", "prompt": "caf\xe9"}', 400, "not valid UTF-8 (byte 29)", None),
+    (b"[" * 20_000 + b"]" * 20_000, 400, "nested too deeply", None),
+    (
+        b'{"model": "m", "prompt": "hi", "model_parameters": {"max_tokens": ' + b"9" * 5000 + b"}}",
+        400,
+        "Exceeds the limit (4300 digits)",
+        None,
+    ),
+    (b'{"model": "m", "prompt": "hi", "model_parameters": {"temperature": 1e999}}', 400, "temperature", None),
+    ({"model": MODEL, "prompt": "hi", "model_parameters": {"max_tokens": 10**30}}, 400, "model's context", None),
+    ({"model": MODEL, "prompt": "a\u0000b"}, 400, "must not contain NUL", "prompt"),
+    ({"model": MODEL, "prompt": "hi", "model_parameters": {"stop_sequences": ["\u0000"]}}, 400, "NUL", None),
 ]
 
 
