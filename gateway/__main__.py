@@ -13,19 +13,26 @@ from gateway import auth
 from gateway.app import init_app, start_site
 from gateway.logs import configure_logging
 from gateway.settings import GatewaySettings
+from gateway.state import LIFECYCLE
 
 log = logging.getLogger("gateway")
 
 
 async def _serve_until_signal(settings: GatewaySettings, banner: str) -> None:
-    runner = await start_site(init_app(settings), settings.host, settings.port)
+    app = init_app(settings)
+    runner = await start_site(app, settings.host, settings.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     print(banner, flush=True)
     await stop.wait()
+    lifecycle = app[LIFECYCLE]
+    log.info("shutting down: draining %d request(s), up to %g s", lifecycle.in_flight, settings.drain_timeout_s)
+    if not await lifecycle.drain(settings.drain_timeout_s):
+        log.warning("drain timeout: %d request(s) still running are cancelled", lifecycle.in_flight)
     await runner.cleanup()
+    log.info("stopped")
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -12,13 +12,14 @@ from gateway.auth import Authenticator
 from gateway.completions import finish_pending_stops
 from gateway.ledger.databases import open_ledger_database
 from gateway.ledger.writer import LedgerWriter
+from gateway.lifecycle import Lifecycle
 from gateway.metrics import GatewayMetrics
 from gateway.middlewares import request_id_and_errors
 from gateway.registry import ModelRegistry
 from gateway.replicas import EndpointDirectory, health_monitor
 from gateway.routes import setup_routes
 from gateway.settings import GatewaySettings
-from gateway.state import ACCOUNTING, AUTHENTICATOR, LEDGER_DATABASE, METRICS, REGISTRY, SETTINGS
+from gateway.state import ACCOUNTING, AUTHENTICATOR, LEDGER_DATABASE, LIFECYCLE, METRICS, REGISTRY, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def init_app(settings: GatewaySettings) -> web.Application:
     app = web.Application(middlewares=[request_id_and_errors], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = GatewayMetrics()
+    app[LIFECYCLE] = Lifecycle()
     app[AUTHENTICATOR] = Authenticator(settings.api_keys)
     if app[AUTHENTICATOR].open_mode:
         log.warning("open mode: no API keys are configured, every request is accepted (local development only)")

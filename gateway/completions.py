@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-from gateway.errors import InvalidRequest, ReplicaUnreachable
+from gateway.errors import InvalidRequest, ModelUnhealthy, ReplicaFailure
 from gateway.registry import ServedModel
 from gateway.schema import CompletionRequest, FinishReason, TokenUsage
 from gateway.stop_sequences import StopSequenceMatcher
@@ -76,16 +76,16 @@ async def run_completion(
     tried: list[str] = []
     try:
         while True:
-            # A replica found unreachable before its first response is marked down and the request goes to the
-            # next one: nothing was generated for the client yet.
+            # A replica found failed (unreachable, or its model crashed) before its first response is marked
+            # down and the request goes to the next one: nothing was generated for the client yet.
             stream, may_be_running = endpoint.stream(request), True
             try:
                 chunk = await anext(stream)
                 break
-            except ReplicaUnreachable as error:
+            except ReplicaFailure as error:
                 await stream.aclose()
                 stream, may_be_running = None, False
-                model.replicas.mark_down(error.address, str(error))
+                model.replicas.mark_down(error.address, str(error), needs_probe=isinstance(error, ModelUnhealthy))
                 tried.append(error.address)
                 endpoint = model.replicas.pick(exclude=tried)
         log.debug("request %s runs on %s as %s", request_id, endpoint.address, triton_id)
@@ -109,9 +109,9 @@ async def run_completion(
                 yield Finished(reason, usage)
                 return
             chunk = await anext(stream)
-    except ReplicaUnreachable as error:
-        model.replicas.mark_down(error.address, str(error))
-        may_be_running = False  # the server that ran it is gone
+    except ReplicaFailure as error:
+        model.replicas.mark_down(error.address, str(error), needs_probe=isinstance(error, ModelUnhealthy))
+        may_be_running = False  # the server (or the model process) that ran it is gone
         raise
     finally:
         if stream is not None:

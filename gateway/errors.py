@@ -11,7 +11,9 @@
     ├── RateLimited           429 rate_limited          (with Retry-After)
     ├── InferenceFailed       502 upstream_error        Triton answered with an error
     ├── UpstreamUnavailable   503 service_unavailable   Triton unreachable or the model not ready
-    │   └── ReplicaUnreachable                           one replica's connection failed (it is marked down)
+    │   └── ReplicaFailure                               one replica failed (it is marked down):
+    │       ├── ReplicaUnreachable                       its connection failed
+    │       └── ModelUnhealthy                           a model's Python stub crashed (Triton still says ready)
     └── DeadlineExceeded      504 timeout
 
 The error middleware renders any of them as
@@ -101,9 +103,18 @@ class DeadlineExceeded(GatewayError):
     type = "timeout"
 
 
-class ReplicaUnreachable(UpstreamUnavailable):
-    """The connection to one Triton replica failed. `address` is for logs and health, never for the client."""
+class ReplicaFailure(UpstreamUnavailable):
+    """One Triton replica failed. `address` is for logs and health, never for the client."""
 
     def __init__(self, message: str, address: str) -> None:
         super().__init__(message)
         self.address = address
+
+
+class ReplicaUnreachable(ReplicaFailure):
+    """The connection to the replica failed."""
+
+
+class ModelUnhealthy(ReplicaFailure):
+    """Triton answered that a model's Python-backend stub process is not healthy: it crashed, and Triton keeps
+    reporting the model ready, so only a real request finds out."""

@@ -52,6 +52,9 @@ class Replica:
     endpoint: TritonEndpoint
     ready: bool | None = None  # None: not checked yet (eligible, so a request right after start-up is served)
     last_error: str | None = None
+    # A crashed model stub: Triton still answers ModelReady with true, so health checks send a real one-token
+    # request through the ensemble until it works again (the model reloaded, or Triton restarted).
+    needs_probe: bool = False
     checks_failed: int = 0
 
     @property
@@ -89,18 +92,21 @@ class ReplicaPool:
         rotated = candidates[start:] + candidates[:start]
         return min(rotated, key=lambda r: r.endpoint.in_flight).endpoint
 
-    def mark_down(self, address: str, reason: str) -> None:
+    def mark_down(self, address: str, reason: str, needs_probe: bool = False) -> None:
         replica = self.replicas.get(address)
-        if replica is not None and replica.ready is not False:
+        if replica is None:
+            return
+        if replica.ready is not False:
             log.warning("model %s: replica %s marked down: %s", self.entry.id, address, reason)
-            replica.ready = False
-            replica.last_error = reason
+        replica.ready = False
+        replica.last_error = reason
+        replica.needs_probe = replica.needs_probe or needs_probe
 
     def _unavailable_message(self, tried: set[str]) -> str:
         # Addresses stay out of client-facing messages (they are in the logs and on /readyz); reasons do not.
         if not self.replicas:
             return f"model '{self.entry.id}' has no inference server replicas (none found in DNS)"
-        reasons = sorted({r.last_error or "not ready" for r in self.replicas.values() if r.address not in tried})
+        reasons = sorted({r.last_error or "not ready" for r in self.replicas.values()})
         if tried:
             reasons.append(f"{len(tried)} failed on this request")
         return (
@@ -117,13 +123,21 @@ class ReplicaPool:
     async def check(self, timeout_s: float) -> None:
         """Ask every replica whether the ensemble is ready, concurrently; update their states."""
         replicas = list(self.replicas.values())
-        results = await asyncio.gather(*(r.endpoint.model_ready(self.entry.ensemble, timeout_s) for r in replicas))
+        results = await asyncio.gather(*(self._check_one(r, timeout_s) for r in replicas))
         for replica, (ready, reason) in zip(replicas, results, strict=True):
             if ready and replica.ready is not True:
                 log.info("model %s: replica %s is ready", self.entry.id, replica.address)
             replica.ready = ready
             replica.last_error = None if ready else reason
             replica.checks_failed = 0 if ready else replica.checks_failed + 1
+
+    async def _check_one(self, replica: Replica, timeout_s: float) -> tuple[bool, str | None]:
+        if replica.needs_probe:
+            healthy, reason = await replica.endpoint.probe(self.entry.ensemble, timeout_s)
+            if not healthy:
+                return False, reason
+            replica.needs_probe = False
+        return await replica.endpoint.model_ready(self.entry.ensemble, timeout_s)
 
     def state(self) -> dict[str, dict[str, object]]:
         return {address: replica.state() for address, replica in self.replicas.items()}

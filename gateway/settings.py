@@ -62,6 +62,7 @@ class GatewaySettings(BaseSettings):
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1 << 20
     stop_request_timeout_s: Annotated[float, Field(gt=0)] = 5.0
     readiness_timeout_s: Annotated[float, Field(gt=0)] = 2.0  # per Triton health check
+    drain_timeout_s: Annotated[float, Field(ge=0)] = 30.0  # on SIGTERM: how long in-flight requests may finish
     health_check_interval_s: Annotated[float, Field(gt=0)] = 2.0  # how often every replica is checked
     dns_refresh_s: Annotated[float, Field(gt=0)] = 10.0  # for models with discovery = "dns"
     models: list[ModelEntry] = Field(default_factory=list)

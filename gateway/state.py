@@ -7,6 +7,7 @@ from aiohttp import web
 from gateway.accounting import Accounting
 from gateway.auth import Authenticator
 from gateway.ledger.databases import LedgerDatabase
+from gateway.lifecycle import Lifecycle
 from gateway.metrics import GatewayMetrics
 from gateway.registry import ModelRegistry
 from gateway.settings import GatewaySettings
@@ -17,3 +18,4 @@ AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator", Authentic
 METRICS: web.AppKey[GatewayMetrics] = web.AppKey("metrics", GatewayMetrics)
 ACCOUNTING: web.AppKey[Accounting] = web.AppKey("accounting", Accounting)
 LEDGER_DATABASE: web.AppKey[LedgerDatabase | None] = web.AppKey("ledger_database")
+LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle", Lifecycle)

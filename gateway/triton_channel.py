@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from gateway.errors import GatewayError, InferenceFailed, ReplicaUnreachable, UpstreamUnavailable
-from gateway.triton_translation import Chunk, read_chunk, stop_request
+from gateway.errors import GatewayError, InferenceFailed, ModelUnhealthy, ReplicaUnreachable, UpstreamUnavailable
+from gateway.triton_translation import Chunk, GenerationPlan, ensemble_request, read_chunk, stop_request
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,11 @@ _CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
+
+PROBE_PLAN = GenerationPlan(
+    prompt="ok", prompt_tokens=1, max_tokens=1, temperature=0.0, top_k=1, top_p=None,
+    presence_penalty=0.0, frequency_penalty=0.0, stop_sequences=(),
+)  # fmt: skip
 
 
 class TritonEndpoint:
@@ -57,7 +63,7 @@ class TritonEndpoint:
         try:
             async for message in call:
                 if message.error_message:
-                    raise _classify(message.error_message)
+                    raise _classify(message.error_message, self.address)
                 chunk = read_chunk(message.infer_response)
                 yield chunk
                 if chunk.final:
@@ -69,6 +75,19 @@ class TritonEndpoint:
             self.in_flight -= 1
             call.cancel()
 
+    async def probe(self, ensemble: str, timeout_s: float) -> tuple[bool, str | None]:
+        """A real one-token request through the ensemble (every model process in it): (healthy, why not)."""
+        request = ensemble_request(ensemble, f"health-probe-{uuid.uuid4().hex}", PROBE_PLAN)
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for _ in self.stream(request):
+                    pass
+        except GatewayError as error:
+            return False, error.message
+        except TimeoutError:
+            return False, f"no answer to a one-token request within {timeout_s:g} s"
+        return True, None
+
     async def stop(self, generation_model: str, request_id: str, timeout_s: float) -> None:
         """Ask the generation model to end request_id now; best effort (the call is already cancelled)."""
         try:
@@ -79,9 +98,12 @@ class TritonEndpoint:
             log.warning("stop request for %s was not acknowledged: %s", request_id, error)
 
 
-def _classify(message: str) -> GatewayError:
+def _classify(message: str, address: str) -> GatewayError:
     lowered = message.lower()
-    if "is not ready" in lowered or "unavailable" in lowered or "not healthy" in lowered or "unknown model" in lowered:
+    if "not healthy" in lowered:
+        log.error("Triton at %s: %s", address, message)
+        return ModelUnhealthy(f"the model's server process crashed on an inference server (Triton: {message})", address)
+    if "is not ready" in lowered or "unavailable" in lowered or "unknown model" in lowered:
         return UpstreamUnavailable(f"the model is not available: {message}")
     return InferenceFailed(f"inference failed: {message}")
 
@@ -90,4 +112,4 @@ def _rpc_error(error: grpc.aio.AioRpcError, address: str) -> GatewayError:
     if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         log.warning("Triton at %s: %s %s", address, error.code().name, error.details())
         return ReplicaUnreachable("the inference server became unreachable", address)
-    return _classify(error.details() or str(error.code()))
+    return _classify(error.details() or str(error.code()), address)

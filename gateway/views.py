@@ -18,7 +18,7 @@ from gateway.completions import Event, Finished, TextDelta, plan_completion, run
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidRequest
 from gateway.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from gateway.schema import Completion, CompletionRequest, CompletionResponse, ModelList
-from gateway.state import ACCOUNTING, AUTHENTICATOR, METRICS, REGISTRY, SETTINGS
+from gateway.state import ACCOUNTING, AUTHENTICATOR, LIFECYCLE, METRICS, REGISTRY, SETTINGS
 
 PROMPT_TOKENS_HEADER = "x-usage-prompt-tokens"
 COMPLETION_TOKENS_HEADER = "x-usage-completion-tokens"
@@ -60,6 +60,11 @@ def _sse(payload: str, event: str | None = None) -> bytes:
 
 
 async def create_completion(request: web.Request) -> web.StreamResponse:
+    with request.app[LIFECYCLE].request():
+        return await _create_completion(request)
+
+
+async def _create_completion(request: web.Request) -> web.StreamResponse:
     app = request.app
     caller = app[AUTHENTICATOR].authenticate(request)  # 401 before the body is read
     body = await _read_request(request)
@@ -220,6 +225,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready when every model has at least one ready replica; checks them all now (not the last round's result)."""
+    if request.app[LIFECYCLE].draining:
+        return web.json_response({"status": "draining"}, status=503)
     registry = request.app[REGISTRY]
     timeout = request.app[SETTINGS].readiness_timeout_s
     pools = [m.replicas for m in registry.models.values()]

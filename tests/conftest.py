@@ -14,6 +14,12 @@ from cpu_engine import Engine, EngineLimits
 from triton_models.launcher import EmbeddedTriton
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # Here, not in tests/reliability/conftest.py: pytest reads options only from the first conftest files.
+    parser.addoption("--soak-seconds", type=float, default=60.0, help="length of the soak test (make test: 60)")
+    parser.addoption("--fuzz-cases", type=int, default=2000, help="schemathesis cases against /openapi.json")
+
+
 @pytest.fixture(scope="session")
 def reference_checkpoint() -> Path:
     return ensure_reference_checkpoint()
