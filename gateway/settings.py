@@ -58,7 +58,13 @@ class GatewaySettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8080
-    request_timeout_s: Annotated[float, Field(gt=0)] = 300.0  # the whole request, streaming included
+    request_timeout_s: Annotated[float, Field(gt=0)] = 300.0  # the whole request, streaming included; also the
+    # cap on what a client may ask for with the x-request-timeout header
+    # A streaming client that takes nothing for this long, with its buffers full, is cut off and its generation
+    # stopped; what is buffered for one stream is bounded by stream_send_buffer_bytes (the socket's send
+    # buffer) plus aiohttp's 64 KiB.
+    slow_client_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    stream_send_buffer_bytes: Annotated[int, Field(ge=4096)] = 262_144
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1 << 20
     stop_request_timeout_s: Annotated[float, Field(gt=0)] = 5.0
     readiness_timeout_s: Annotated[float, Field(gt=0)] = 2.0  # per Triton health check

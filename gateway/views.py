@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -20,9 +22,12 @@ from gateway.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from gateway.schema import Completion, CompletionRequest, CompletionResponse, ModelList
 from gateway.state import ACCOUNTING, AUTHENTICATOR, LIFECYCLE, METRICS, REGISTRY, SETTINGS
 
+REQUEST_TIMEOUT_HEADER = "x-request-timeout"
 PROMPT_TOKENS_HEADER = "x-usage-prompt-tokens"
 COMPLETION_TOKENS_HEADER = "x-usage-completion-tokens"
 TTFT_HEADER = "x-time-to-first-token-ms"
+
+log = logging.getLogger(__name__)
 
 
 def _validation_error(error: ValidationError) -> InvalidRequest:
@@ -79,8 +84,9 @@ async def _create_completion(request: web.Request) -> web.StreamResponse:
     except GatewayError as error:
         trace.status, trace.error = error.status, error.type
         raise
-    except asyncio.CancelledError:
-        trace.status, trace.error = CLIENT_CLOSED, "client_closed"
+    except (asyncio.CancelledError, ConnectionResetError):
+        if trace.error is None:
+            trace.status, trace.error = CLIENT_CLOSED, "client_closed"
         raise
     except Exception:
         trace.status, trace.error = 500, "internal_error"
@@ -95,7 +101,8 @@ async def _complete(request: web.Request, body: CompletionRequest, trace: Reques
     trace.prompt_tokens = plan.prompt_tokens
     settings = request.app[SETTINGS]
     metrics = request.app[METRICS]
-    deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
+    timeout_s = _request_timeout(request, settings.request_timeout_s)
+    deadline = asyncio.get_running_loop().time() + timeout_s
     queued = metrics.queued.labels(model.entry.id)
     queued.inc()
     waiting = True
@@ -109,8 +116,8 @@ async def _complete(request: web.Request, body: CompletionRequest, trace: Reques
                 events = run_completion(model, plan, trace.request_id, settings.stop_request_timeout_s)
                 async with contextlib.aclosing(events):
                     if body.stream:
-                        return await _stream(request, events, trace, deadline)
-                    return await _respond(events, trace, deadline, settings.request_timeout_s)
+                        return await _stream(request, events, trace, deadline, timeout_s)
+                    return await _respond(events, trace, deadline, timeout_s)
     finally:
         if waiting:
             queued.dec()
@@ -162,10 +169,26 @@ async def _next_before(events: AsyncIterator[Event], deadline: float) -> Event:
             raise GatewayError("the generation ended without a final response") from None
 
 
+def _request_timeout(request: web.Request, cap_s: float) -> float:
+    """The client's x-request-timeout (seconds), capped by the server's request_timeout_s."""
+    raw = request.headers.get(REQUEST_TIMEOUT_HEADER)
+    if raw is None:
+        return cap_s
+    try:
+        asked = float(raw)
+    except ValueError:
+        asked = float("nan")
+    if not 0 < asked < float("inf"):
+        raise InvalidRequest(
+            f"{REQUEST_TIMEOUT_HEADER} must be a positive number of seconds", param=REQUEST_TIMEOUT_HEADER
+        )
+    return min(asked, cap_s)
+
+
 async def _stream(
-    request: web.Request, events: AsyncIterator[Event], trace: RequestTrace, deadline: float
+    request: web.Request, events: AsyncIterator[Event], trace: RequestTrace, deadline: float, timeout_s: float
 ) -> web.StreamResponse:
-    timeout_s = request.app[SETTINGS].request_timeout_s
+    settings = request.app[SETTINGS]
     # Wait for the first event before sending headers: an error before any text is still a plain HTTP error.
     try:
         event = await _next_before(events, deadline)
@@ -174,6 +197,7 @@ async def _stream(
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", REQUEST_ID_HEADER: trace.request_id}
     )
+    _bound_send_buffer(request, settings.stream_send_buffer_bytes)
     await response.prepare(request)
     failure: GatewayError | None = None
     try:
@@ -183,7 +207,12 @@ async def _stream(
                 trace.completion_tokens = event.completion_tokens
             else:
                 _finished(trace, event)
-            await response.write(_sse(_event_json(event)))
+            try:
+                async with asyncio.timeout(settings.slow_client_timeout_s):
+                    await response.write(_sse(_event_json(event)))
+            except TimeoutError:
+                _cut_slow_client(request, trace, settings.slow_client_timeout_s)
+                raise ConnectionResetError("slow client cut off") from None
             if isinstance(event, Finished):
                 break
             event = await _next_before(events, deadline)
@@ -197,6 +226,22 @@ async def _stream(
         await response.write(_sse(json.dumps(failure.body(trace.request_id)), event="error"))
     await response.write_eof()
     return response
+
+
+def _bound_send_buffer(request: web.Request, size: int) -> None:
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+def _cut_slow_client(request: web.Request, trace: RequestTrace, timeout_s: float) -> None:
+    """The client stopped reading and every buffer is full: drop the connection (leaving the generator, the
+    caller's `aclosing` stops the generation)."""
+    log.warning("request %s: the client took nothing for %g s with its buffers full; stream cut",
+                trace.request_id, timeout_s)  # fmt: skip
+    trace.status, trace.error = CLIENT_CLOSED, "slow_client"
+    if request.transport is not None:
+        request.transport.abort()
 
 
 _DELTA_HEAD = '{"completion":{"text":'
