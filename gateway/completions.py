@@ -44,6 +44,8 @@ def plan_completion(model: ServedModel, request: CompletionRequest) -> Generatio
         raise InvalidRequest(f"model '{model.entry.id}' does not accept images", param="images")
     parameters = request.model_parameters
     prompt_tokens = model.count_prompt_tokens(request.prompt)
+    if prompt_tokens == 0:  # e.g. only control characters the tokenizer drops: nothing to continue from
+        raise InvalidRequest("the prompt has no tokens for this model's tokenizer", param="prompt")
     return GenerationPlan(
         prompt=request.prompt,
         prompt_tokens=prompt_tokens,

@@ -12,5 +12,6 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v4/models", views.list_models)
     app.router.add_get("/v4/usage", usage_api.get_usage)
     app.router.add_get("/metrics", views.metrics)
+    app.router.add_get("/openapi.json", views.openapi)
     app.router.add_get("/healthz", views.healthz)
     app.router.add_get("/readyz", views.readyz)

@@ -18,14 +18,17 @@ from gateway.accounting import CLIENT_CLOSED, RequestTrace
 from gateway.auth import resolve_account
 from gateway.completions import Event, Finished, TextDelta, plan_completion, run_completion
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidRequest
+from gateway.headers import (
+    COMPLETION_TOKENS_HEADER,
+    MIN_REQUEST_TIMEOUT_S,
+    PROMPT_TOKENS_HEADER,
+    REQUEST_TIMEOUT_HEADER,
+    TTFT_HEADER,
+)
 from gateway.middlewares import REQUEST_ID, REQUEST_ID_HEADER
+from gateway.openapi import openapi_document
 from gateway.schema import Completion, CompletionRequest, CompletionResponse, ModelList
 from gateway.state import ACCOUNTING, AUTHENTICATOR, LIFECYCLE, METRICS, REGISTRY, SETTINGS
-
-REQUEST_TIMEOUT_HEADER = "x-request-timeout"
-PROMPT_TOKENS_HEADER = "x-usage-prompt-tokens"
-COMPLETION_TOKENS_HEADER = "x-usage-completion-tokens"
-TTFT_HEADER = "x-time-to-first-token-ms"
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +181,10 @@ def _request_timeout(request: web.Request, cap_s: float) -> float:
         asked = float(raw)
     except ValueError:
         asked = float("nan")
-    if not 0 < asked < float("inf"):
+    if not MIN_REQUEST_TIMEOUT_S <= asked < float("inf"):
         raise InvalidRequest(
-            f"{REQUEST_TIMEOUT_HEADER} must be a positive number of seconds", param=REQUEST_TIMEOUT_HEADER
+            f"{REQUEST_TIMEOUT_HEADER} must be a number of seconds, at least {MIN_REQUEST_TIMEOUT_S:g}",
+            param=REQUEST_TIMEOUT_HEADER,
         )
     return min(asked, cap_s)
 
@@ -292,3 +296,7 @@ async def metrics(request: web.Request) -> web.Response:
             gauges.replica_in_flight.labels(address).set(replica.endpoint.in_flight)
     body = generate_latest(gauges.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
