@@ -42,6 +42,8 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
         return error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.path}"), request_id)
     except web.HTTPException:
         raise
+    except ConnectionResetError:
+        raise  # the client is gone: nobody to answer; aiohttp closes the connection quietly
     except Exception:
         log.exception("unexpected error in request %s", request_id)
         return error_response(GatewayError("internal error; the server log has the details"), request_id)

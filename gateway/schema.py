@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_
 
 DEFAULT_TEMPERATURE = 0.2
 MAX_STOP_SEQUENCES = 4
+INT32_MAX = 2**31 - 1  # integer inputs travel to Triton as INT32 tensors
 
 # Unknown fields are ignored (the SDK may send newer ones, e.g. reasoning_effort); types are strict, so
 # "0.5" is not a number and "yes" is not a boolean.
@@ -20,7 +21,7 @@ class ModelParameters(BaseModel):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = DEFAULT_TEMPERATURE
     max_tokens: Annotated[int | None, Field(ge=1)] = None
     stop_sequences: Annotated[list[StrictStr] | None, Field(max_length=MAX_STOP_SEQUENCES)] = None
-    top_k: Annotated[int | None, Field(ge=0, alias="topK")] = None
+    top_k: Annotated[int | None, Field(ge=0, le=INT32_MAX, alias="topK")] = None
     top_p: Annotated[float | None, Field(gt=0.0, le=1.0, alias="topP")] = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0

@@ -164,12 +164,16 @@ def _deadline(seconds: float) -> DeadlineExceeded:
     return DeadlineExceeded(f"the request exceeded its deadline of {seconds:g} s")
 
 
+async def _next_event(events: AsyncIterator[Event]) -> Event:
+    try:
+        return await anext(events)
+    except StopAsyncIteration:
+        raise GatewayError("the generation ended without a final response") from None
+
+
 async def _next_before(events: AsyncIterator[Event], deadline: float) -> Event:
     async with asyncio.timeout_at(deadline):
-        try:
-            return await anext(events)
-        except StopAsyncIteration:
-            raise GatewayError("the generation ended without a final response") from None
+        return await _next_event(events)
 
 
 def _request_timeout(request: web.Request, cap_s: float) -> float:
@@ -204,22 +208,29 @@ async def _stream(
     _bound_send_buffer(request, settings.stream_send_buffer_bytes)
     await response.prepare(request)
     failure: GatewayError | None = None
+    transport = request.transport
     try:
-        while True:
-            if isinstance(event, TextDelta):
-                trace.text_arrived()
-                trace.completion_tokens = event.completion_tokens
-            else:
-                _finished(trace, event)
-            try:
-                async with asyncio.timeout(settings.slow_client_timeout_s):
-                    await response.write(_sse(_event_json(event)))
-            except TimeoutError:
-                _cut_slow_client(request, trace, settings.slow_client_timeout_s)
-                raise ConnectionResetError("slow client cut off") from None
-            if isinstance(event, Finished):
-                break
-            event = await _next_before(events, deadline)
+        async with asyncio.timeout_at(deadline):  # one deadline for the whole stream, not a timer per token
+            while True:
+                if isinstance(event, TextDelta):
+                    trace.text_arrived()
+                    trace.completion_tokens = event.completion_tokens
+                else:
+                    _finished(trace, event)
+                data = _sse(_event_json(event))
+                if transport is not None and transport.get_write_buffer_size() > 0:
+                    # The socket is full: this write may wait on the client, and not forever.
+                    try:
+                        async with asyncio.timeout(settings.slow_client_timeout_s):
+                            await response.write(data)
+                    except TimeoutError:
+                        _cut_slow_client(request, trace, settings.slow_client_timeout_s)
+                        raise ConnectionResetError("slow client cut off") from None
+                else:
+                    await response.write(data)
+                if isinstance(event, Finished):
+                    break
+                event = await _next_event(events)
     except GatewayError as error:
         failure = error
     except TimeoutError:

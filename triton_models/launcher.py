@@ -253,7 +253,10 @@ def _http_ok(url: str) -> bool:
 
 
 def _check_port_free(port: int) -> None:
+    """Fail early if something listens on the port. SO_REUSEADDR as Triton itself sets it: connections of a
+    previous server on the same port lingering in TIME_WAIT do not stop a new one."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((LOOPBACK, port))
         except OSError as error:

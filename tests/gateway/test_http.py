@@ -74,6 +74,7 @@ BAD_REQUESTS = [
     (b'{"model": "m", "prompt": "hi", "model_parameters": {"temperature": 1e999}}', 400, "temperature", None),
     ({"model": MODEL, "prompt": "hi", "model_parameters": {"max_tokens": 10**30}}, 400, "model's context", None),
     ({"model": MODEL, "prompt": "a\u0000b"}, 400, "must not contain NUL", "prompt"),
+    ({"model": MODEL, "prompt": "hi", "model_parameters": {"top_k": 2**40}}, 400, "top_k", None),  # fuzzing
     ({"model": MODEL, "prompt": "\u0016"}, 400, "no tokens for this model's tokenizer", "prompt"),  # found by fuzzing
     ({"model": MODEL, "prompt": "hi", "model_parameters": {"stop_sequences": ["\u0000"]}}, 400, "NUL", None),
 ]
