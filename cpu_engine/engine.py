@@ -138,7 +138,7 @@ class Engine:
         if not self.running:
             return events
         scheduled = self._schedule()
-        segments = [Segment(seq.cache, tokens) for seq, tokens in scheduled]
+        segments = [Segment(seq.cache, tokens, seq.request.adapter) for seq, tokens in scheduled]
         # A prompt chunk that does not finish its prompt produces no token, so it needs no logits.
         wants_token = [
             not seq.in_prefill or seq.cache.length + len(tokens) >= len(seq.prompt) for seq, tokens in scheduled

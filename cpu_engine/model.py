@@ -18,6 +18,7 @@ import numpy.typing as npt
 from cpu_engine.config import ModelConfig
 from cpu_engine.errors import CheckpointError
 from cpu_engine.kv_cache import SequenceKVCache
+from cpu_engine.lora import LoraAdapter, add_lora
 from cpu_engine.rope import RotaryTable, inverse_frequencies
 from cpu_engine.safetensors_reader import load_checkpoint_tensors
 
@@ -31,6 +32,7 @@ class Segment:
 
     cache: SequenceKVCache
     token_ids: IntArray
+    adapter: LoraAdapter | None = None  # this sequence's LoRA adapter (None: the base model)
 
 
 @dataclass
@@ -67,6 +69,17 @@ def _linear(x: FloatArray, weight: FloatArray) -> FloatArray:
 
 
 _ROWS_AS_VECTOR_PRODUCTS = 2
+
+
+def _adapter_rows(segments: list[Segment], lengths: list[int]) -> list[tuple[slice, LoraAdapter]]:
+    """The rows of each segment that has an adapter (consecutive rows of one segment form one slice)."""
+    groups = []
+    row = 0
+    for segment, n in zip(segments, lengths, strict=True):
+        if segment.adapter is not None:
+            groups.append((slice(row, row + n), segment.adapter))
+        row += n
+    return groups
 
 
 def _silu(x: FloatArray) -> FloatArray:
@@ -121,6 +134,12 @@ class LlamaModel:
             c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings
         )
         self.rotary = RotaryTable(c.head_dim, inv_freq, attention_factor, c.max_position_embeddings)
+        # Where each LoRA target module's output lives inside the fused products.
+        qw, kvw, inter = self.q_width, self.kv_width, c.intermediate_size
+        self._qkv_columns = (("q_proj", 0, qw), ("k_proj", qw, qw + kvw), ("v_proj", qw + kvw, qw + 2 * kvw))
+        self._out_columns = (("o_proj", 0, c.hidden_size),)
+        self._gate_up_columns = (("gate_proj", 0, inter), ("up_proj", inter, 2 * inter))
+        self._down_columns = (("down_proj", 0, c.hidden_size),)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: Path) -> LlamaModel:
@@ -145,11 +164,14 @@ class LlamaModel:
             if s.cache.length + n > s.cache.capacity:
                 raise ValueError("segment exceeds its sequence's reserved cache")
         x = self.embed[token_ids]
+        lora = _adapter_rows(segments, lengths)
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, c.rms_norm_eps)
             qkv = np.ascontiguousarray(_linear(h, layer.qkv))
             if layer.qkv_bias is not None:
                 qkv += layer.qkv_bias
+            if lora:
+                add_lora(qkv, h, lora, index, self._qkv_columns)
             q = qkv[:, : self.q_width].reshape(-1, c.num_heads, c.head_dim)
             k = qkv[:, self.q_width : self.q_width + self.kv_width].reshape(-1, c.num_kv_heads, c.head_dim)
             v = qkv[:, self.q_width + self.kv_width :].reshape(-1, c.num_kv_heads, c.head_dim)
@@ -162,10 +184,19 @@ class LlamaModel:
                 rows = slice(row, row + n)
                 attention[rows] = self._attend(index, segment.cache, q[rows], k[rows], v[rows])
                 row += n
-            x = x + _linear(attention, layer.out)
+            projected = _linear(attention, layer.out)
+            if lora:
+                add_lora(projected, attention, lora, index, self._out_columns)
+            x = x + projected
             h = _rms_norm(x, layer.post_norm, c.rms_norm_eps)
             gate_up = _linear(h, layer.gate_up)
-            x = x + _linear(_silu(gate_up[:, : c.intermediate_size]) * gate_up[:, c.intermediate_size :], layer.down)
+            if lora:
+                add_lora(gate_up, h, lora, index, self._gate_up_columns)
+            activated = _silu(gate_up[:, : c.intermediate_size]) * gate_up[:, c.intermediate_size :]
+            down = _linear(activated, layer.down)
+            if lora:
+                add_lora(down, activated, lora, index, self._down_columns)
+            x = x + down
         for s, n in zip(segments, lengths, strict=True):
             s.cache.length += n
         last_rows = np.cumsum(lengths) - 1

@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cpu_engine.kv_cache import SequenceKVCache
+from cpu_engine.lora import LoraAdapter
 from cpu_engine.sampling import Sampler, SamplingParams
 
 IntArray = npt.NDArray[np.int64]
@@ -32,6 +33,7 @@ class GenerationRequest:
     bad_sequences: tuple[tuple[int, ...], ...] = ()  # token-id sequences that must never be generated
     min_tokens: int = 0  # end ids are masked until this many tokens were generated
     return_log_probs: bool = False
+    adapter: LoraAdapter | None = None  # a LoRA adapter on the base model (None: the base model itself)
 
 
 @dataclass

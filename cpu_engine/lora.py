@@ -1,0 +1,129 @@
+"""LoRA adapters for the CPU engine: loaded from the Hugging Face PEFT format and applied per sequence.
+
+An adapter adds, for each target module m of each layer, `scaling * (x @ A_m.T) @ B_m.T` to the module's
+output, with A_m [rank, in], B_m [out, rank] and scaling = lora_alpha / rank (PEFT's default, non-rsLoRA
+scaling). Sequences with different adapters, and without one, share a forward pass: the base products run
+once for the whole batch, each adapter's low-rank products only over its own rows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from cpu_engine.config import ModelConfig
+from cpu_engine.errors import CheckpointError
+from cpu_engine.safetensors_reader import iter_safetensors
+
+FloatArray = npt.NDArray[np.float32]
+
+# Module names as PEFT and Hugging Face Llama call them, in the engine's fused layout order.
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    a: FloatArray  # [rank, in]
+    b: FloatArray  # [out, rank], already multiplied by the scaling
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    layers: tuple[dict[str, LoraModule], ...]  # per layer: module name → its low-rank pair
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+def module_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of each target module for this model."""
+    c = config
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    return {
+        "q_proj": (q, c.hidden_size),
+        "k_proj": (kv, c.hidden_size),
+        "v_proj": (kv, c.hidden_size),
+        "o_proj": (c.hidden_size, q),
+        "gate_proj": (c.intermediate_size, c.hidden_size),
+        "up_proj": (c.intermediate_size, c.hidden_size),
+        "down_proj": (c.hidden_size, c.intermediate_size),
+    }
+
+
+def load_peft_adapter(adapter_dir: Path, config: ModelConfig, max_rank: int | None = None) -> LoraAdapter:
+    """Read and validate a PEFT LoRA adapter against the base model's config; every problem names itself."""
+    config_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    for required in (config_file, weights_file):
+        if not required.is_file():
+            raise CheckpointError(f"{adapter_dir} is not a PEFT LoRA adapter: {required.name} is missing")
+    try:
+        settings = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_file}: not valid JSON ({error})") from None
+    if str(settings.get("peft_type", "LORA")).upper() != "LORA":
+        raise CheckpointError(f"{config_file}: peft_type {settings.get('peft_type')!r} is not LORA")
+    if settings.get("use_rslora") or settings.get("use_dora"):
+        raise CheckpointError(f"{config_file}: rsLoRA and DoRA adapters are not supported")
+    rank, alpha = int(settings.get("r", 0)), float(settings.get("lora_alpha", 0))
+    if rank < 1:
+        raise CheckpointError(f"{config_file}: rank r must be at least 1, not {rank}")
+    if max_rank is not None and rank > max_rank:
+        raise CheckpointError(f"adapter rank {rank} is above the engine's maximum LoRA rank of {max_rank}")
+    targets = settings.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    unknown = sorted(set(targets) - set(MODULES))
+    if unknown:
+        raise CheckpointError(f"{config_file}: target modules {unknown} are not among {list(MODULES)}")
+    shapes = module_shapes(config)
+    layers: list[dict[str, dict[str, FloatArray]]] = [{} for _ in range(config.num_layers)]
+    for name, tensor in iter_safetensors(weights_file):
+        match = _TENSOR.search(name)
+        if match is None:
+            raise CheckpointError(f"{weights_file.name}: unexpected tensor {name!r} (only LoRA A/B weights)")
+        layer, module, which = int(match[1]), match[2], match[3]
+        if layer >= config.num_layers or module not in shapes:
+            raise CheckpointError(f"{weights_file.name}: {name!r} does not fit a {config.num_layers}-layer Llama")
+        layers[layer].setdefault(module, {})[which] = np.asarray(tensor, dtype=np.float32)
+    modules: list[dict[str, LoraModule]] = []
+    for index, found in enumerate(layers):
+        built = {}
+        for module, pair in found.items():
+            out_size, in_size = shapes[module]
+            a, b = pair.get("A"), pair.get("B")
+            if a is None or b is None:
+                raise CheckpointError(f"layer {index} {module}: lora_A and lora_B must both be present")
+            if a.shape != (rank, in_size) or b.shape != (out_size, rank):
+                raise CheckpointError(
+                    f"layer {index} {module}: LoRA shapes {a.shape} and {b.shape} do not fit the base model "
+                    f"(expected {(rank, in_size)} and {(out_size, rank)})"
+                )
+            built[module] = LoraModule(np.ascontiguousarray(a), np.ascontiguousarray(b * np.float32(alpha / rank)))
+        modules.append(built)
+    if not any(modules):
+        raise CheckpointError(f"{weights_file.name}: no LoRA weights")
+    present = sorted({m for layer in modules for m in layer})
+    return LoraAdapter(rank=rank, alpha=alpha, target_modules=tuple(present), layers=tuple(modules))
+
+
+def add_lora(out: FloatArray, x: FloatArray, groups: list[tuple[slice, LoraAdapter]], layer: int,
+             modules: tuple[tuple[str, int, int], ...]) -> None:  # fmt: skip
+    """Add each adapter's low-rank update, over its rows, to the columns of the fused output it targets.
+
+    `modules` lists (module name, first column, last column) inside `out`, e.g. q, k and v inside the fused
+    qkv product."""
+    for rows, adapter in groups:
+        targets = adapter.layers[layer]
+        for name, start, stop in modules:
+            pair = targets.get(name)
+            if pair is not None:
+                out[rows, start:stop] += (x[rows] @ pair.a.T) @ pair.b.T
