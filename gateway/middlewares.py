@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -43,7 +44,9 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
     except web.HTTPException:
         raise
     except ConnectionResetError:
-        raise  # the client is gone: nobody to answer; aiohttp closes the connection quietly
+        # The client is gone: nobody to answer. As a cancellation, aiohttp closes the connection quietly
+        # (any other exception it would log as an error and try to send a 500 on the closed connection).
+        raise asyncio.CancelledError from None
     except Exception:
         log.exception("unexpected error in request %s", request_id)
         return error_response(GatewayError("internal error; the server log has the details"), request_id)

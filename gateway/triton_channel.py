@@ -70,6 +70,10 @@ class TritonEndpoint:
                     return
             raise UpstreamUnavailable("the inference server closed the stream before the final response")
         except grpc.aio.AioRpcError as error:
+            task = asyncio.current_task()
+            if error.code() == grpc.StatusCode.CANCELLED and task is not None and task.cancelling():
+                # We cancelled it (client gone, deadline): not the replica's fault, and the cancellation goes on.
+                raise asyncio.CancelledError from error
             raise _rpc_error(error, self.address) from error
         finally:
             self.in_flight -= 1
@@ -109,7 +113,9 @@ def _classify(message: str, address: str) -> GatewayError:
 
 
 def _rpc_error(error: grpc.aio.AioRpcError, address: str) -> GatewayError:
-    if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+    if error.code() == grpc.StatusCode.CANCELLED:  # by the server (shutting down): retryable, not a dead replica
+        return UpstreamUnavailable("the inference server cancelled the request")
+    if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         log.warning("Triton at %s: %s %s", address, error.code().name, error.details())
         return ReplicaUnreachable("the inference server became unreachable", address)
     return _classify(error.details() or str(error.code()), address)

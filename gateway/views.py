@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from gateway.accounting import CLIENT_CLOSED, RequestTrace
 from gateway.auth import resolve_account
 from gateway.completions import Event, Finished, TextDelta, plan_completion, run_completion
-from gateway.errors import DeadlineExceeded, GatewayError, InvalidRequest
+from gateway.errors import DeadlineExceeded, GatewayError, InvalidRequest, PayloadTooLarge
 from gateway.headers import (
     COMPLETION_TOKENS_HEADER,
     MIN_REQUEST_TIMEOUT_S,
@@ -41,6 +41,10 @@ def _validation_error(error: ValidationError) -> InvalidRequest:
 
 
 async def _read_request(request: web.Request) -> CompletionRequest:
+    limit = request.app[SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        # Refused on the declared size, before reading any of it.
+        raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
     raw = await request.read()
     try:
         text = raw.decode("utf-8")

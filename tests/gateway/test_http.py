@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,18 @@ def test_oversized_body_is_413(gateway: RunningGateway) -> None:
     code, _, payload = post(gateway.url, {"model": MODEL, "prompt": "x" * 70000})
     assert code == 413
     assert payload["error"]["type"] == "payload_too_large"
+
+
+def test_a_body_declared_too_large_is_413_before_it_is_sent(gateway: RunningGateway) -> None:
+    """A client announcing a gigabyte gets its 413 at once: the gateway does not wait for (or read) the body."""
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as client:
+        client.sendall(b"POST /v4/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 1000000000\r\n\r\n{")  # fmt: skip
+        started = time.monotonic()
+        answer = client.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413") and b"payload_too_large" in answer
+    assert time.monotonic() - started < 2
 
 
 def test_unknown_route_and_method_are_json_errors(gateway: RunningGateway) -> None:
