@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +29,12 @@ import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
 import tritonclient.grpc.aio as grpcaio  # noqa: E402
 
+from benchmarks.gateway_process import start_gateway_process  # noqa: E402
 from build_engines.reference_model import ensure_reference_checkpoint  # noqa: E402
 from build_engines.repository import RepositorySettings, render_repository  # noqa: E402
 from tests.triton_client import infer_input  # noqa: E402
 from triton_models import tensors as t  # noqa: E402
-from triton_models.launcher import EmbeddedTriton, free_port  # noqa: E402
+from triton_models.launcher import EmbeddedTriton  # noqa: E402
 
 PROMPT = "Once upon a time, there was a little"
 
@@ -138,25 +138,9 @@ async def load(concurrency: int, per_client: int, one: Callable[[int], Awaitable
 def start_gateway(
     workdir: Path, model_id: str, checkpoint: Path, server: EmbeddedTriton
 ) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    config = workdir / f"{model_id}.toml"
-    config.write_text(
-        f'host = "127.0.0.1"\nport = {port}\n[[models]]\nid = "{model_id}"\ngeneration_model = "{model_id}"\n'
-        f'tokenizer_dir = "{checkpoint}"\ncontext_length = 8192\nendpoints = ["{server.grpc_url}"]\n'
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config)], stdout=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=1) as response:
-                if response.status == 200:
-                    return process, url
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("the gateway did not become ready")
+    model = [f'id = "{model_id}"', f'generation_model = "{model_id}"', f'tokenizer_dir = "{checkpoint}"',
+             "context_length = 8192", f'endpoints = ["{server.grpc_url}"]']  # fmt: skip
+    return start_gateway_process(workdir, [], model)
 
 
 async def measure(model_id: str, server: EmbeddedTriton, gateway_url: str, args: argparse.Namespace) -> list[tuple]:

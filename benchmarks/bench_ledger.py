@@ -17,8 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,11 +25,12 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 
 from benchmarks.bench_gateway import load, via_gateway  # noqa: E402
+from benchmarks.gateway_process import start_gateway_process  # noqa: E402
 from build_engines.reference_model import ensure_reference_checkpoint  # noqa: E402
 from build_engines.repository import RepositorySettings, render_repository  # noqa: E402
 from tests.postgres_server import PostgresServer, PostgresUnavailable  # noqa: E402
 from triton_models import tensors as t  # noqa: E402
-from triton_models.launcher import EmbeddedTriton, free_port  # noqa: E402
+from triton_models.launcher import EmbeddedTriton  # noqa: E402
 
 MODEL = "echo"
 
@@ -39,30 +38,14 @@ MODEL = "echo"
 def start_gateway(
     workdir: Path, checkpoint: Path, server: EmbeddedTriton, ledger: str
 ) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    lines = ['host = "127.0.0.1"', f"port = {port}", f'data_dir = "{workdir / f"data-{port}"}"', 'log_format = "json"']
+    settings = ['log_format = "json"']
     if ledger == "off":
-        lines.append("ledger_enabled = false")
+        settings.append("ledger_enabled = false")
     elif ledger.startswith("postgresql://"):
-        lines.append(f'ledger_dsn = "{ledger}"')
-    lines += ["[[models]]", f'id = "{MODEL}"', f'generation_model = "{t.ECHO_LLM}"', f'tokenizer_dir = "{checkpoint}"',
-              "context_length = 8192", f'endpoints = ["{server.grpc_url}"]']  # fmt: skip
-    config = workdir / f"gateway-{port}.toml"
-    config.write_text("\n".join(lines) + "\n")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=1) as response:
-                if response.status == 200:
-                    return process, url
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("the gateway did not become ready")
+        settings.append(f'ledger_dsn = "{ledger}"')
+    model = [f'id = "{MODEL}"', f'generation_model = "{t.ECHO_LLM}"', f'tokenizer_dir = "{checkpoint}"',
+             "context_length = 8192", f'endpoints = ["{server.grpc_url}"]']  # fmt: skip
+    return start_gateway_process(workdir, settings, model)
 
 
 def cpu_seconds(pid: int) -> float:

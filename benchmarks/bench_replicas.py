@@ -22,8 +22,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,9 +30,10 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 
 from benchmarks.bench_gateway import Summary, load, via_gateway  # noqa: E402
+from benchmarks.gateway_process import start_gateway_process  # noqa: E402
 from build_engines.reference_model import REFERENCE_MODEL_ID, ensure_reference_checkpoint  # noqa: E402
 from build_engines.repository import RepositorySettings, render_repository  # noqa: E402
-from triton_models.launcher import EmbeddedTriton, free_port  # noqa: E402
+from triton_models.launcher import EmbeddedTriton  # noqa: E402
 
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
@@ -42,26 +41,10 @@ ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 def start_gateway(
     workdir: Path, checkpoint: Path, servers: list[EmbeddedTriton]
 ) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    config = workdir / f"gateway-{port}.toml"
     endpoints = ", ".join(f'"{s.grpc_url}"' for s in servers)
-    config.write_text(
-        f'host = "127.0.0.1"\nport = {port}\n[[models]]\nid = "{REFERENCE_MODEL_ID}"\n'
-        f'tokenizer_dir = "{checkpoint}"\ncontext_length = 8192\nendpoints = [{endpoints}]\n'
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config)], stdout=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=1) as response:
-                if response.status == 200:
-                    return process, url
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("the gateway did not become ready")
+    model = [f'id = "{REFERENCE_MODEL_ID}"', f'tokenizer_dir = "{checkpoint}"', "context_length = 8192",
+             f"endpoints = [{endpoints}]"]  # fmt: skip
+    return start_gateway_process(workdir, [], model)
 
 
 async def drive(url: str, args: argparse.Namespace) -> list[Summary]:

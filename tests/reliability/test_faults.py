@@ -18,25 +18,21 @@ import aiohttp
 from build_engines.repository import RepositorySettings, render_repository
 from build_engines.tiny_checkpoints import TokenizerStyle
 from tests.gateway.conftest import MODEL, GatewayThread, gateway_settings, model_entry
+from tests.sse import sse_events
 from triton_models.launcher import EmbeddedTriton
 
 
 async def _stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any], started: asyncio.Event) -> dict:
     """Read one SSE stream to its end: {"final": last event | None, "error": error | None, "ended": time}."""
     result: dict[str, Any] = {"final": None, "error": None}
-    event = None
     async with session.post(f"{url}/v4/completions", json={**body, "stream": True}) as response:
         assert response.status == 200
-        async for line in response.content:
-            if line.startswith(b"event: "):
-                event = line[7:].strip().decode()
-            elif line.startswith(b"data: "):
-                payload = json.loads(line[6:])
-                if event == "error":
-                    result["error"] = payload["error"]
-                elif payload["completion"]["finish_reason"]:
-                    result["final"] = payload
-                started.set()
+        async for event, payload in sse_events(response):
+            if event == "error":
+                result["error"] = payload["error"]
+            elif payload["completion"]["finish_reason"]:
+                result["final"] = payload
+            started.set()
     result["ended"] = time.monotonic()
     return result
 

@@ -4,7 +4,6 @@ of parameters, every response checked, memory of the gateway and Triton measured
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 from tests.gateway.conftest import MODEL
 from tests.gateway.test_processes import ROOT, _wait_ready
 from tests.prompts import VARIED_PROMPTS
+from tests.sse import sse_events
 from triton_models.launcher import EmbeddedTriton, free_port
 
 CLIENTS = 64
@@ -76,16 +76,11 @@ async def _stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any]
     async with session.post(f"{url}/v4/completions", json={"model": MODEL, "stream": True, **body}) as response:
         if response.status != 200:
             raise AssertionError(f"status {response.status}: {await response.text()}")
-        event = None
-        async for line in response.content:
-            if line.startswith(b"event: "):
-                event = line[7:].strip().decode()
-            elif line.startswith(b"data: "):
-                payload = json.loads(line[6:])
-                if event == "error":
-                    raise AssertionError(f"error event: {payload}")
-                text += payload["completion"]["text"]
-                last = payload
+        async for event, payload in sse_events(response):
+            if event == "error":
+                raise AssertionError(f"error event: {payload}")
+            text += payload["completion"]["text"]
+            last = payload
     if last is None or last["completion"]["finish_reason"] is None:
         raise AssertionError("the stream ended without its final event (truncated)")
     return text, last
