@@ -6,6 +6,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -52,7 +53,10 @@ class TritonEndpoint:
     async def stream(self, request: service_pb2.ModelInferRequest) -> AsyncGenerator[Chunk, None]:
         """Send one request on its own ModelStreamInfer call and yield its responses until the final one.
 
-        Leaving the iteration early (stop sequence, client gone, deadline) cancels the call.
+        Leaving the iteration early (stop sequence, client gone, deadline) cancels the call. After the final
+        response the call is left to end by itself (the request side is already closed, so Triton closes it):
+        cancelling calls that had completed made tritonserver's own memory grow by ~16 MiB a minute under
+        load (measured with the soak's mix), so only unfinished calls are cancelled.
         """
 
         async def requests() -> AsyncIterator[service_pb2.ModelInferRequest]:
@@ -60,11 +64,14 @@ class TritonEndpoint:
 
         call = self.stub.ModelStreamInfer(requests())
         self.in_flight += 1
+        completed = False
         try:
             async for message in call:
                 if message.error_message:
                     raise _classify(message.error_message, self.address)
                 chunk = read_chunk(message.infer_response)
+                if chunk.final:
+                    completed = True
                 yield chunk
                 if chunk.final:
                     return
@@ -77,7 +84,12 @@ class TritonEndpoint:
             raise _rpc_error(error, self.address) from error
         finally:
             self.in_flight -= 1
-            call.cancel()
+            if completed:
+                closing = asyncio.ensure_future(_let_finish(call))
+                _closing.add(closing)
+                closing.add_done_callback(_closing.discard)
+            else:
+                call.cancel()
 
     async def probe(self, ensemble: str, timeout_s: float) -> tuple[bool, str | None]:
         """A real one-token request through the ensemble (every model process in it): (healthy, why not)."""
@@ -100,6 +112,20 @@ class TritonEndpoint:
                     pass
         except (GatewayError, TimeoutError) as error:
             log.warning("stop request for %s was not acknowledged: %s", request_id, error)
+
+
+# Completed calls waiting for Triton to close them (a reference keeps each alive until then: a call that is
+# garbage-collected while open is cancelled).
+_closing: set[asyncio.Future[None]] = set()
+CLOSE_WAIT_S = 5.0
+
+
+async def _let_finish(call: Any) -> None:
+    try:
+        async with asyncio.timeout(CLOSE_WAIT_S):
+            await call.code()
+    except (TimeoutError, asyncio.CancelledError):
+        call.cancel()
 
 
 def _classify(message: str, address: str) -> GatewayError:
