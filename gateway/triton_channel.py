@@ -26,6 +26,9 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
+# How long a server that just answered with an error gets to show it is still alive.
+DYING_CHECK_S = 1.0
+
 PROBE_PLAN = GenerationPlan(
     prompt="ok", prompt_tokens=1, max_tokens=1, temperature=0.0, top_k=1, top_p=None,
     presence_penalty=0.0, frequency_penalty=0.0, stop_sequences=(),
@@ -66,22 +69,30 @@ class TritonEndpoint:
         self.in_flight += 1
         completed = False
         try:
-            async for message in call:
-                if message.error_message:
-                    raise _classify(message.error_message, self.address)
-                chunk = read_chunk(message.infer_response)
-                if chunk.final:
-                    completed = True
-                yield chunk
-                if chunk.final:
-                    return
-            raise UpstreamUnavailable("the inference server closed the stream before the final response")
-        except grpc.aio.AioRpcError as error:
-            task = asyncio.current_task()
-            if error.code() == grpc.StatusCode.CANCELLED and task is not None and task.cancelling():
-                # We cancelled it (client gone, deadline): not the replica's fault, and the cancellation goes on.
-                raise asyncio.CancelledError from error
-            raise _rpc_error(error, self.address) from error
+            try:
+                async for message in call:
+                    if message.error_message:
+                        raise _classify(message.error_message, self.address)
+                    chunk = read_chunk(message.infer_response)
+                    if chunk.final:
+                        completed = True
+                    yield chunk
+                    if chunk.final:
+                        return
+                raise InferenceFailed("the inference server closed the stream before the final response")
+            except grpc.aio.AioRpcError as error:
+                task = asyncio.current_task()
+                if error.code() == grpc.StatusCode.CANCELLED and task is not None and task.cancelling():
+                    # We cancelled it (client gone, deadline): not the replica's fault, the cancellation goes on.
+                    raise asyncio.CancelledError from error
+                raise _rpc_error(error, self.address) from error
+        except InferenceFailed as error:
+            # A server that is dying (killed with its model processes) can answer with odd errors for a few
+            # milliseconds before its port closes; if it no longer answers, that is what the error was.
+            ready, _ = await self.model_ready(request.model_name, DYING_CHECK_S)
+            if not ready:
+                raise ReplicaUnreachable("the inference server became unreachable", self.address) from error
+            raise
         finally:
             self.in_flight -= 1
             if completed:
@@ -135,6 +146,7 @@ def _classify(message: str, address: str) -> GatewayError:
         return ModelUnhealthy(f"the model's server process crashed on an inference server (Triton: {message})", address)
     if "is not ready" in lowered or "unavailable" in lowered or "unknown model" in lowered:
         return UpstreamUnavailable(f"the model is not available: {message}")
+    log.warning("Triton at %s answered with an error: %s", address, message)
     return InferenceFailed(f"inference failed: {message}")
 
 
