@@ -44,6 +44,16 @@ class BuildResult:
 def repository_settings(plan: BuildPlan) -> RepositorySettings:
     target = plan.target
     checkpoint = str(plan.checkpoint.resolve())
+    lora = {}
+    if plan.lora:
+        lora = {
+            "lora_max_rank": target.lora_max_rank,
+            "lora_target_modules": ",".join(target.lora_target_modules),
+            "lora_cache_max_adapters": target.lora_cache_max_adapters,
+            "lora_cache_max_adapter_size": target.lora_max_rank,
+            "lora_cache_optimal_adapter_size": min(8, target.lora_max_rank),
+            "lora_cache_gpu_memory_fraction": target.lora_cache_gpu_memory_fraction,
+        }
     if not target.is_gpu:
         return RepositorySettings(
             checkpoint_dir=checkpoint,
@@ -51,8 +61,10 @@ def repository_settings(plan: BuildPlan) -> RepositorySettings:
             engine_max_batch_size=target.max_batch_size,
             max_kv_tokens=target.max_kv_tokens,
             max_num_tokens=target.max_num_tokens,
+            **lora,  # type: ignore[arg-type]
         )
     return RepositorySettings(
+        **lora,  # type: ignore[arg-type]
         checkpoint_dir=checkpoint,
         generation_model=target.generation_model,
         triton_max_batch_size=target.max_batch_size,
@@ -76,7 +88,13 @@ def registry_entry(plan: BuildPlan, model_id: str, endpoint: str) -> str:
         f"context_length = {context}\n"
         f"default_max_tokens = {min(512, context - 1)}\n"
         f'endpoints = ["{endpoint}"]\n'
-    )
+    ) + (lora_entry(plan.target) if plan.lora else "")
+
+
+def lora_entry(target: Target) -> str:
+    """What the gateway checks adapters against: the engine's LoRA limits."""
+    modules = ", ".join(f'"{m}"' for m in target.lora_target_modules)
+    return f"lora = {{ max_rank = {target.lora_max_rank}, target_modules = [{modules}] }}\n"
 
 
 def checkpoint_hash(checkpoint: Path) -> str:
@@ -98,10 +116,13 @@ def build(
     dry_run: bool,
     model_id: str,
     endpoint: str = "127.0.0.1:8001",
+    lora: bool = False,
 ) -> BuildResult:
     target = catalog.get(target_name)
     out = out.resolve()
-    plan = plan_build(checkpoint.resolve(), target, catalog.container, out / "engines" / target.name, out / "work")
+    plan = plan_build(
+        checkpoint.resolve(), target, catalog.container, out / "engines" / target.name, out / "work", lora=lora
+    )
     print(plan.describe(), flush=True)
     gpu: dict[str, Any] = {"name": "not built (dry run)" if dry_run else "cpu", "compute_capability": None}
     if target.is_gpu and not dry_run:
@@ -128,6 +149,9 @@ def _manifest(plan: BuildPlan, gpu: dict[str, Any], dry_run: bool) -> dict[str, 
         "gpu": gpu,
         "engine_dir": str(plan.engine_dir) if plan.target.is_gpu else None,
         "commands": [step.shell() for step in plan.steps],
+        "lora": {"max_rank": plan.target.lora_max_rank, "target_modules": plan.target.lora_target_modules}
+        if plan.lora
+        else None,
         "dry_run": dry_run,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
@@ -201,13 +225,15 @@ def verify_engine(plan: BuildPlan) -> None:
 
 
 def main_build(
-    argv_target: str, checkpoint: Path, out: Path, dry_run: bool, model_id: str, targets: Path, endpoint: str
-) -> Path:
+    argv_target: str, checkpoint: Path, out: Path, dry_run: bool, model_id: str, targets: Path, endpoint: str,
+    lora: bool = False,
+) -> Path:  # fmt: skip
     from build_engines.targets import load_targets
 
     result = build(
-        load_targets(targets), checkpoint, argv_target, out, dry_run=dry_run, model_id=model_id, endpoint=endpoint
-    )
+        load_targets(targets), checkpoint, argv_target, out, dry_run=dry_run, model_id=model_id, endpoint=endpoint,
+        lora=lora,
+    )  # fmt: skip
     print(f"repository: {result.repository}\ngateway entry: {result.registry_entry}\nmanifest: {result.manifest}")
     world = result.plan.target.world_size
     print(

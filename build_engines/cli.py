@@ -43,6 +43,39 @@ def _build(args: argparse.Namespace) -> Path:
         args.model_id or args.checkpoint.name,
         args.targets,
         args.endpoint,
+        args.lora,
+    )
+
+
+def _adapter(args: argparse.Namespace) -> str:
+    """Register a PEFT LoRA adapter as a custom model on a base model of the gateway's config (by default the
+    embedded reference model of `make serve`). A running gateway serves it at once: it shares the store."""
+    from build_engines.adapter_store import AdapterStore, LoraSupport
+    from gateway.settings import GatewaySettings
+
+    if args.config is not None:
+        settings = GatewaySettings.from_file(args.config)
+    else:
+        from build_engines.reference_model import ensure_reference_checkpoint
+        from gateway.embedded import embedded_settings
+
+        settings = embedded_settings(ensure_reference_checkpoint(), "127.0.0.1:8001")
+    store = AdapterStore(settings.adapter_store)
+    if args.remove:
+        if not store.remove(args.id):
+            raise EngineError(f"custom model '{args.id}' is not registered in {store.root}")
+        return f"removed {args.id}"
+    if args.base is None or args.adapter is None:
+        raise EngineError("registering needs --base MODEL_ID and --adapter DIR")
+    models = {m.id: m for m in settings.models}
+    base = models.get(args.base)
+    if base is None:
+        raise EngineError(f"base model '{args.base}' is not in the gateway's models ({', '.join(models)})")
+    support = None if base.lora is None else LoraSupport(base.lora.max_rank, tuple(base.lora.target_modules))
+    stored = store.register(args.id, base.id, base.tokenizer_dir, support, args.adapter, set(models))
+    return (
+        f"registered {stored.id} on {stored.base_model} (rank {stored.rank}, modules {' '.join(stored.target_modules)},"
+        f" LoRA task id {stored.task_id}) in {store.root}"
     )
 
 
@@ -81,7 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--endpoint", default="127.0.0.1:8001", help="Triton gRPC address (host:port) written into the gateway entry"
     )
+    build.add_argument(
+        "--lora", action="store_true", help="build with LoRA (the target's lora_* limits) to serve adapters by id"
+    )
     build.set_defaults(run=_build)
+
+    adapter = commands.add_parser("adapter", help="register (or --remove) a LoRA adapter as a custom model id")
+    adapter.add_argument("--id", required=True, help="the custom model id requests will name")
+    adapter.add_argument("--base", metavar="MODEL_ID", help="the served base model the adapter was trained on")
+    adapter.add_argument("--adapter", type=Path, metavar="DIR", help="a PEFT adapter directory")
+    adapter.add_argument("--config", type=Path, help="the gateway's config file (default: the embedded `make serve`)")
+    adapter.add_argument("--remove", action="store_true", help="remove the custom model instead")
+    adapter.set_defaults(run=_adapter)
     return parser
 
 

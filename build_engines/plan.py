@@ -14,6 +14,7 @@ from pathlib import Path
 
 from build_engines.targets import Container, Target
 from cpu_engine import CheckpointError, ModelConfig
+from cpu_engine.lora import TRTLLM_MODULES
 
 # Architectures TensorRT-LLM's llama example converts (the CPU engine serves the same set).
 GPU_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -36,6 +37,7 @@ class BuildPlan:
     checkpoint: Path
     model: ModelConfig
     engine_dir: Path  # where the engine is (or would be) written; the tensorrt_llm config points here
+    lora: bool = False  # build (or serve, on cpu) with LoRA: the target's lora_* settings
     steps: list[Step] = field(default_factory=list)
 
     @property
@@ -47,6 +49,10 @@ class BuildPlan:
         lines = [
             f"target {t.name}: {t.gpu}, {t.dtype}, quantization {t.quantization}, KV cache {t.kv_cache_dtype}, "
             f"tp {t.tp_size} x pp {t.pp_size}",
+            f"LoRA: rank <= {t.lora_max_rank}, modules {' '.join(t.lora_target_modules)}, "
+            f"cache {t.lora_cache_max_adapters} adapters"
+            if self.lora
+            else "LoRA: off",
             f"checkpoint {self.checkpoint} ({self.model.architecture}, context {self.model.max_position_embeddings})",
         ]
         if t.is_gpu:
@@ -84,9 +90,13 @@ def validate_checkpoint(checkpoint: Path, target: Target) -> ModelConfig:
     return model
 
 
-def plan_build(checkpoint: Path, target: Target, container: Container, engine_dir: Path, work_dir: Path) -> BuildPlan:
+def plan_build(
+    checkpoint: Path, target: Target, container: Container, engine_dir: Path, work_dir: Path, lora: bool = False
+) -> BuildPlan:
     model = validate_checkpoint(checkpoint, target)
-    plan = BuildPlan(target=target, container=container, checkpoint=checkpoint, model=model, engine_dir=engine_dir)
+    plan = BuildPlan(
+        target=target, container=container, checkpoint=checkpoint, model=model, engine_dir=engine_dir, lora=lora
+    )
     if not target.is_gpu:
         return plan
     trtllm_checkpoint = work_dir / "trtllm_checkpoint"
@@ -116,5 +126,9 @@ def plan_build(checkpoint: Path, target: Target, container: Container, engine_di
         "--kv_cache_type", "paged", "--use_paged_context_fmha", "enable", "--multiple_profiles", "enable",
         "--workers", str(target.world_size),
     ]  # fmt: skip
+    if lora:
+        # The LoRA plugin in the model's dtype; adapters then arrive with requests (lora_weights, lora_config).
+        build += ["--lora_plugin", "auto", "--max_lora_rank", str(target.lora_max_rank), "--lora_target_modules",
+                  *(TRTLLM_MODULES[m][0] for m in target.lora_target_modules)]  # fmt: skip
     plan.steps.extend([convert, Step(f"build one engine per rank ({target.world_size})", build)])
     return plan

@@ -45,6 +45,11 @@ class RepositorySettings:
     max_num_tokens: int = 512
     max_queue_size: int = 256
     exclude_input_in_output: bool = True
+    # LoRA (cpu_llm; the rank and modules also go into a GPU engine's build): 0 = off. Modules by their
+    # Hugging Face names (cpu_engine.lora.MODULES), comma-separated; empty = all.
+    lora_max_rank: int = 0
+    lora_target_modules: str = ""
+    lora_cache_max_adapters: int = 8
     # tensorrt_llm
     engine_dir: str = ""
     decoupled_mode: bool = True
@@ -55,6 +60,10 @@ class RepositorySettings:
     enable_chunked_context: bool = True
     enable_kv_cache_reuse: bool = False
     cancellation_check_period_ms: int = 100
+    lora_cache_optimal_adapter_size: int = 8
+    lora_cache_max_adapter_size: int = 64
+    lora_cache_gpu_memory_fraction: float = 0.05
+    lora_cache_host_memory_bytes: int = 1 << 30
 
     def variables(self) -> dict[str, str]:
         values = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in asdict(self).items()}

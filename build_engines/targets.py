@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cpu_engine.lora import MODULES
 from triton_models import tensors as t
 
 TARGETS_FILE = Path(__file__).with_name("targets.toml")
@@ -52,6 +53,13 @@ class Target(BaseModel):
     enable_chunked_context: bool
     enable_kv_cache_reuse: bool
     batch_scheduler_policy: Literal["guaranteed_no_evict", "max_utilization"]
+    # LoRA, when a build asks for it (--lora): the largest adapter rank, the modules (Hugging Face names),
+    # and how many adapters the server's LoRA cache holds (the CPU engine counts adapters; TensorRT-LLM
+    # sizes its cache from lora_cache_gpu_memory_fraction).
+    lora_max_rank: Annotated[int, Field(ge=1)] = 64
+    lora_target_modules: list[Literal[MODULES]] = list(MODULES)  # type: ignore[valid-type]
+    lora_cache_max_adapters: Annotated[int, Field(ge=1)] = 8
+    lora_cache_gpu_memory_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.05
 
     @property
     def world_size(self) -> int:

@@ -127,3 +127,83 @@ def add_lora(out: FloatArray, x: FloatArray, groups: list[tuple[slice, LoraAdapt
             pair = targets.get(name)
             if pair is not None:
                 out[rows, start:stop] += (x[rows] @ pair.a.T) @ pair.b.T
+
+
+# ---- TensorRT-LLM's LoRA tensors (`lora_weights`, `lora_config`) -----------------------------------------
+# One row per (module, layer): A [rank, in] flattened, then B [out, rank] (scaled) flattened, zero-padded to
+# the longest row; the matching `lora_config` row is [module id, layer, rank]. TensorRT-LLM names the gated
+# MLP's projections after GPT's (its `fc` is Llama's gate_proj, its `gate` is Llama's up_proj).
+TRTLLM_MODULES = {
+    "q_proj": ("attn_q", 1),
+    "k_proj": ("attn_k", 2),
+    "v_proj": ("attn_v", 3),
+    "o_proj": ("attn_dense", 4),
+    "gate_proj": ("mlp_h_to_4h", 5),
+    "down_proj": ("mlp_4h_to_h", 6),
+    "up_proj": ("mlp_gate", 7),
+}
+_MODULE_BY_ID = {module_id: name for name, (_, module_id) in TRTLLM_MODULES.items()}
+
+
+def to_trtllm(adapter: LoraAdapter) -> tuple[npt.NDArray[np.float16], npt.NDArray[np.int32]]:
+    """(lora_weights [rows, width] float16, lora_config [rows, 3] int32) for one adapter."""
+    rows: list[FloatArray] = []
+    config: list[tuple[int, int, int]] = []
+    for layer, modules in enumerate(adapter.layers):
+        for name in MODULES:
+            pair = modules.get(name)
+            if pair is not None:
+                rows.append(np.concatenate([pair.a.reshape(-1), pair.b.reshape(-1)]))
+                config.append((TRTLLM_MODULES[name][1], layer, adapter.rank))
+    width = max(row.size for row in rows)
+    weights = np.zeros((len(rows), width), dtype=np.float16)
+    for index, row in enumerate(rows):
+        weights[index, : row.size] = row
+    return weights, np.array(config, dtype=np.int32).reshape(-1, 3)
+
+
+def from_trtllm(
+    weights: npt.NDArray[np.generic], config: npt.NDArray[np.generic], model: ModelConfig,
+    max_rank: int, allowed_modules: tuple[str, ...] = MODULES,
+) -> LoraAdapter:  # fmt: skip
+    """The adapter that TensorRT-LLM-style `lora_weights` / `lora_config` describe; ValueError says what is wrong."""
+    weights = np.asarray(weights)
+    config = np.asarray(config)
+    if weights.ndim == 3 and weights.shape[0] == 1:  # with the batch dimension
+        weights = weights[0]
+    if config.ndim == 3 and config.shape[0] == 1:
+        config = config[0]
+    if config.ndim != 2 or config.shape[1] != 3:
+        raise ValueError(f"lora_config must be [modules, 3], not {list(config.shape)}")
+    if weights.ndim != 2 or weights.shape[0] != config.shape[0]:
+        raise ValueError(
+            f"lora_weights {list(weights.shape)} must have one row per lora_config row ({config.shape[0]})"
+        )
+    shapes = module_shapes(model)
+    layers: list[dict[str, LoraModule]] = [{} for _ in range(model.num_layers)]
+    ranks = set()
+    for row, (module_id, layer, rank) in zip(weights, config.tolist(), strict=True):
+        name = _MODULE_BY_ID.get(module_id)
+        if name is None:
+            raise ValueError(f"lora_config: module id {module_id} is not one of {sorted(_MODULE_BY_ID)}")
+        if name not in allowed_modules:
+            raise ValueError(f"LoRA module {TRTLLM_MODULES[name][0]} ({name}) is not enabled in this engine")
+        if not 0 <= layer < model.num_layers:
+            raise ValueError(f"lora_config: layer {layer} is outside the model's {model.num_layers} layers")
+        if not 1 <= rank <= max_rank:
+            raise ValueError(f"LoRA rank {rank} is outside 1..{max_rank}, the engine's maximum LoRA rank")
+        out_size, in_size = shapes[name]
+        a_size, b_size = rank * in_size, out_size * rank
+        if row.size < a_size + b_size:
+            raise ValueError(f"lora_weights: the row for layer {layer} {name} is shorter than rank {rank} needs")
+        values = row.astype(np.float32)
+        a = values[:a_size].reshape(rank, in_size)
+        b = values[a_size : a_size + b_size].reshape(out_size, rank)
+        layers[layer][name] = LoraModule(np.ascontiguousarray(a), np.ascontiguousarray(b))
+        ranks.add(rank)
+    if len(ranks) != 1:
+        raise ValueError(f"lora_config: one adapter has one rank, not {sorted(ranks) or 'none'}")
+    rank = ranks.pop()
+    present = tuple(sorted({m for layer_modules in layers for m in layer_modules}))
+    # B arrives already scaled: alpha = rank makes the scaling 1.
+    return LoraAdapter(rank=rank, alpha=float(rank), target_modules=present, layers=tuple(layers))

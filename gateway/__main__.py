@@ -51,7 +51,7 @@ def _embedded(args: argparse.Namespace) -> int:
     server, checkpoint = prepare_embedded_triton()
     print(f"starting Triton (log: {server.log_path})...", flush=True)
     with server:
-        settings = embedded_settings(server, checkpoint, args.host, args.port)
+        settings = embedded_settings(checkpoint, server.grpc_url, args.host, args.port)
         model = settings.models[0].id
         url = f"http://{settings.host}:{settings.port}"
         banner = (

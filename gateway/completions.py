@@ -12,10 +12,13 @@ import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-from gateway.errors import InvalidRequest, ModelUnhealthy, ReplicaFailure
-from gateway.registry import ServedModel
+from tritonclient.grpc.service_pb2 import ModelInferRequest
+
+from gateway.errors import AdapterNotCached, InferenceFailed, InvalidRequest, ModelUnhealthy, ReplicaFailure
+from gateway.registry import ResolvedModel, ServedModel
 from gateway.schema import CompletionRequest, FinishReason, TokenUsage
 from gateway.stop_sequences import StopSequenceMatcher
+from gateway.triton_channel import TritonEndpoint
 from gateway.triton_translation import Chunk, GenerationPlan, ensemble_request
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,8 @@ class Finished:
 Event = TextDelta | Finished
 
 
-def plan_completion(model: ServedModel, request: CompletionRequest) -> GenerationPlan:
+def plan_completion(resolved: ResolvedModel, request: CompletionRequest) -> GenerationPlan:
+    model = resolved.base
     if request.images and not model.entry.accepts_images:
         raise InvalidRequest(f"model '{model.entry.id}' does not accept images", param="images")
     parameters = request.model_parameters
@@ -56,6 +60,7 @@ def plan_completion(model: ServedModel, request: CompletionRequest) -> Generatio
         presence_penalty=parameters.presence_penalty,
         frequency_penalty=parameters.frequency_penalty,
         stop_sequences=tuple(parameters.stop_sequences or ()),
+        lora=resolved.lora,
     )
 
 
@@ -68,7 +73,6 @@ async def run_completion(
     (or one client reusing an id) must never stop each other's generations.
     """
     triton_id = f"{request_id[:64]}-{uuid.uuid4().hex}"
-    request = ensemble_request(model.entry.ensemble, triton_id, plan)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     matcher = StopSequenceMatcher(plan.stop_sequences)
     completion_tokens = 0
@@ -76,14 +80,25 @@ async def run_completion(
     stream: AsyncGenerator[Chunk, None] | None = None
     may_be_running = False  # whether `endpoint` may still be generating for us (then it must be stopped)
     tried: list[str] = []
+    resent_adapter = False
     try:
         while True:
             # A replica found failed (unreachable, or its model crashed) before its first response is marked
             # down and the request goes to the next one: nothing was generated for the client yet.
+            request = await _request_for(endpoint, model, triton_id, plan)
             stream, may_be_running = endpoint.stream(request), True
             try:
                 chunk = await anext(stream)
                 break
+            except AdapterNotCached as error:
+                # The server evicted the adapter (or restarted): send it again with its weights, once.
+                await stream.aclose()
+                stream, may_be_running = None, False
+                assert plan.lora is not None
+                endpoint.lora_tasks.discard(plan.lora.task_id)
+                if resent_adapter:
+                    raise InferenceFailed(f"inference failed: {error.message}") from error
+                resent_adapter = True
             except ReplicaFailure as error:
                 await stream.aclose()
                 stream, may_be_running = None, False
@@ -91,6 +106,8 @@ async def run_completion(
                 tried.append(error.address)
                 endpoint = model.replicas.pick(exclude=tried)
         log.debug("request %s runs on %s as %s", request_id, endpoint.address, triton_id)
+        if plan.lora is not None:
+            endpoint.lora_tasks.add(plan.lora.task_id)
         while True:
             completion_tokens += chunk.tokens
             text = matcher.feed(decoder.decode(chunk.data, final=chunk.final))
@@ -124,6 +141,16 @@ async def run_completion(
             task = asyncio.ensure_future(endpoint.stop(model.entry.generation_model, triton_id, stop_timeout_s))
             _stopping.add(task)
             task.add_done_callback(_stopping.discard)
+
+
+async def _request_for(
+    endpoint: TritonEndpoint, model: ServedModel, triton_id: str, plan: GenerationPlan
+) -> ModelInferRequest:
+    """The ensemble request for this replica: an adapter's weights go along unless it has them cached."""
+    tensors = None
+    if plan.lora is not None and plan.lora.task_id not in endpoint.lora_tasks:
+        tensors = await asyncio.to_thread(plan.lora.load_tensors)
+    return ensemble_request(model.entry.ensemble, triton_id, plan, tensors)
 
 
 async def finish_pending_stops() -> None:

@@ -7,9 +7,11 @@
     ├── ModelNotFound         404 not_found             unknown model id
     ├── RouteNotFound         404 not_found             unknown path
     ├── MethodNotAllowed      405 method_not_allowed
+    ├── Conflict              409 conflict              e.g. a custom model id that is already registered
     ├── PayloadTooLarge       413 payload_too_large
     ├── RateLimited           429 rate_limited          (with Retry-After)
     ├── InferenceFailed       502 upstream_error        Triton answered with an error
+    │   └── AdapterNotCached                             a LoRA task id the server no longer has (resent)
     ├── UpstreamUnavailable   503 service_unavailable   Triton unreachable or the model not ready
     │   └── ReplicaFailure                               one replica failed (it is marked down):
     │       ├── ReplicaUnreachable                       its connection failed
@@ -78,6 +80,11 @@ class MethodNotAllowed(GatewayError):
     type = "method_not_allowed"
 
 
+class Conflict(GatewayError):
+    status = 409
+    type = "conflict"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "payload_too_large"
@@ -91,6 +98,11 @@ class RateLimited(GatewayError):
 class InferenceFailed(GatewayError):
     status = 502
     type = "upstream_error"
+
+
+class AdapterNotCached(InferenceFailed):
+    """The server's LoRA cache lacks the adapter's task id (evicted, or the server restarted): the gateway sends
+    the weights again instead of answering with this."""
 
 
 class UpstreamUnavailable(GatewayError):

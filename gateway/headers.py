@@ -8,3 +8,4 @@ MIN_REQUEST_TIMEOUT_S = 0.1  # below it no completion can succeed: a client erro
 PROMPT_TOKENS_HEADER = "x-usage-prompt-tokens"
 COMPLETION_TOKENS_HEADER = "x-usage-completion-tokens"
 TTFT_HEADER = "x-time-to-first-token-ms"
+ADMIN_KEY_HEADER = "x-admin-key"  # the admin API's key (its sha256 is the admin_key_sha256 setting)

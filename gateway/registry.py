@@ -1,16 +1,20 @@
-"""The served models: public id → ensemble, generation model, tokenizer (loaded once) and Triton replicas."""
+"""The served models: public id → ensemble, generation model, tokenizer (loaded once) and Triton replicas;
+and custom models (LoRA adapters from the adapter store), each resolved to its base model plus the adapter."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
+from build_engines.adapter_store import AdapterStore, LoraSupport, StoredAdapter
 from gateway.admission import ModelAdmission
 from gateway.errors import InvalidRequest, ModelNotFound
 from gateway.replicas import EndpointDirectory, ReplicaPool
 from gateway.schema import ModelCard
 from gateway.settings import GatewaySettings, ModelEntry
+from gateway.triton_translation import LoraRequest
 
 
 @dataclass
@@ -43,25 +47,73 @@ class ServedModel:
             )
         return requested
 
-    def card(self) -> ModelCard:
+    @property
+    def lora_support(self) -> LoraSupport | None:
+        lora = self.entry.lora
+        return None if lora is None else LoraSupport(lora.max_rank, tuple(lora.target_modules))
+
+    def card(self, adapter: StoredAdapter | None = None) -> ModelCard:
         e = self.entry
         return ModelCard(
-            id=e.id,
+            id=e.id if adapter is None else adapter.id,
+            base_model=None if adapter is None else e.id,
             context_length=e.context_length,
             default_max_tokens=e.default_max_tokens,
             accepts_images=e.accepts_images,
         )
 
 
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What a request's `model` names: a served model, or a custom model = its base + a LoRA adapter."""
+
+    base: ServedModel
+    adapter: StoredAdapter | None = None
+    lora: LoraRequest | None = None
+
+    @property
+    def id(self) -> str:
+        return self.base.entry.id if self.adapter is None else self.adapter.id
+
+
 class ModelRegistry:
-    def __init__(self, models: list[ServedModel]) -> None:
+    def __init__(self, models: list[ServedModel], adapters: AdapterStore) -> None:
         self.models = {m.entry.id: m for m in models}
+        self.adapters = adapters
+        self._custom: dict[str, StoredAdapter] = {}
+        self._custom_version: int | None = None
 
     def get(self, model_id: str) -> ServedModel:
         try:
             return self.models[model_id]
         except KeyError:
             raise ModelNotFound(f"model '{model_id}' is not served here", param="model") from None
+
+    def resolve(self, model_id: str) -> ResolvedModel:
+        served = self.models.get(model_id)
+        if served is not None:
+            return ResolvedModel(served, None)
+        adapter = self.custom_models().get(model_id)
+        if adapter is None or adapter.base_model not in self.models:
+            raise ModelNotFound(f"model '{model_id}' is not served here", param="model")
+        load = functools.partial(adapter.tensors, self.adapters.root)
+        return ResolvedModel(self.models[adapter.base_model], adapter, LoraRequest(adapter.task_id, load))
+
+    def custom_models(self) -> dict[str, StoredAdapter]:
+        """The registered custom models, re-read when the store changed (one stat per call otherwise)."""
+        version = self.adapters.version()
+        if version != self._custom_version:
+            self._custom = {a.id: a for a in self.adapters.list()}
+            self._custom_version = version
+        return self._custom
+
+    def cards(self) -> list[ModelCard]:
+        cards = [m.card() for m in self.models.values()]
+        for adapter in self.custom_models().values():
+            base = self.models.get(adapter.base_model)
+            if base is not None:
+                cards.append(base.card(adapter))
+        return cards
 
     @classmethod
     def load(cls, settings: GatewaySettings, directory: EndpointDirectory) -> ModelRegistry:
@@ -76,4 +128,4 @@ class ModelRegistry:
                 settings.retry_after_s,
             )
             served.append(ServedModel(entry, tokenizer, ReplicaPool(entry, directory), admission))
-        return cls(served)
+        return cls(served, AdapterStore(settings.adapter_store))

@@ -88,6 +88,7 @@ class CompletionResponse(BaseModel):
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
+    base_model: str | None = None  # for a custom model (a LoRA adapter): the model it runs on
     context_length: int
     default_max_tokens: int
     accepts_images: bool

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from cpu_engine.lora import MODULES
 from triton_models import tensors as t
 
 ALL_ACCOUNTS = "*"
@@ -24,6 +25,14 @@ class ApiKey(BaseModel):
     id: Annotated[str, Field(min_length=1, max_length=64)]  # what the ledger and logs record
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     accounts: Annotated[list[str], Field(min_length=1)] = [ALL_ACCOUNTS]  # accounts it may use; "*": all
+
+
+class LoraSettings(BaseModel):
+    """The base model's engine serves LoRA adapters up to this rank, for these modules (Hugging Face names);
+    `python -m build_engines build --lora` writes this table into the model's gateway entry."""
+
+    max_rank: Annotated[int, Field(ge=1)]
+    target_modules: list[Literal[MODULES]] = list(MODULES)  # type: ignore[valid-type]
 
 
 class ModelEntry(BaseModel):
@@ -42,6 +51,8 @@ class ModelEntry(BaseModel):
     accepts_images: bool = False
     # Requests running at once for this model (None: no gateway limit; Triton queues); more wait in a queue.
     max_concurrent: Annotated[int | None, Field(ge=1)] = None
+    # Custom models (LoRA adapters) may be registered on this model when set.
+    lora: LoraSettings | None = None
 
     @field_validator("endpoints")
     @classmethod
@@ -95,6 +106,17 @@ class GatewaySettings(BaseSettings):
     ledger_retry_s: Annotated[float, Field(gt=0)] = 1.0
 
     log_format: Literal["json", "text"] = "json"
+
+    # Custom models: LoRA adapters registered by id (the admin API or `python -m build_engines adapter`), kept in
+    # adapter_store_dir (default data_dir/adapters; shared by every gateway of a deployment). The admin API
+    # (/v4/admin/...) needs the key whose sha256 is admin_key_sha256; without one it is off.
+    adapter_store_dir: Path | None = None
+    admin_key_sha256: Annotated[str | None, Field(pattern=r"^[0-9a-f]{64}$")] = None
+    max_adapter_bytes: Annotated[int, Field(ge=1024)] = 1 << 30  # one adapter upload
+
+    @property
+    def adapter_store(self) -> Path:
+        return self.adapter_store_dir or self.data_dir / "adapters"
 
     @model_validator(mode="after")
     def _unique_ids(self) -> GatewaySettings:

@@ -11,7 +11,14 @@ from typing import Any
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from gateway.errors import GatewayError, InferenceFailed, ModelUnhealthy, ReplicaUnreachable, UpstreamUnavailable
+from gateway.errors import (
+    AdapterNotCached,
+    GatewayError,
+    InferenceFailed,
+    ModelUnhealthy,
+    ReplicaUnreachable,
+    UpstreamUnavailable,
+)
 from gateway.triton_translation import Chunk, GenerationPlan, ensemble_request, read_chunk, stop_request
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,9 @@ class TritonEndpoint:
         self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self.in_flight = 0  # streams open on this server, all models together: what balancing compares
+        # LoRA task ids this server was sent and answered: later requests send the task id alone. A server
+        # that evicted one answers "not found in cache" and gets the weights again.
+        self.lora_tasks: set[int] = set()
 
     async def close(self) -> None:
         await self.channel.close()
@@ -86,6 +96,8 @@ class TritonEndpoint:
                     # We cancelled it (client gone, deadline): not the replica's fault, the cancellation goes on.
                     raise asyncio.CancelledError from error
                 raise _rpc_error(error, self.address) from error
+        except AdapterNotCached:
+            raise
         except InferenceFailed as error:
             # A server that is dying (killed with its model processes) can answer with odd errors for a few
             # milliseconds before its port closes; if it no longer answers, that is what the error was.
@@ -141,6 +153,11 @@ async def _let_finish(call: Any) -> None:
 
 def _classify(message: str, address: str) -> GatewayError:
     lowered = message.lower()
+    # TensorRT-LLM's LoRA cache messages (the CPU generation model uses the same).
+    if "not found in cache" in lowered and "lora" in lowered:
+        return AdapterNotCached(message)
+    if "cache is full" in lowered:
+        return UpstreamUnavailable("the inference server's LoRA cache is full of adapters in use; retry shortly")
     if "not healthy" in lowered:
         log.error("Triton at %s: %s", address, message)
         return ModelUnhealthy(f"the model's server process crashed on an inference server (Triton: {message})", address)

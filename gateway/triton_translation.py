@@ -8,12 +8,24 @@ same streaming call: the gateway assembles the chunks.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from tritonclient.grpc import service_pb2
 
 from triton_models import tensors as t
+
+LoraTensors = tuple[npt.NDArray[np.float16], npt.NDArray[np.int32]]  # (lora_weights, lora_config)
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    """A custom model's adapter: its task id, and how to read its tensors for a server that lacks them."""
+
+    task_id: int
+    load_tensors: Callable[[], LoraTensors]
 
 
 @dataclass(frozen=True)
@@ -29,6 +41,7 @@ class GenerationPlan:
     presence_penalty: float
     frequency_penalty: float
     stop_sequences: tuple[str, ...]
+    lora: LoraRequest | None = None
 
 
 @dataclass(frozen=True)
@@ -58,11 +71,19 @@ class _RequestBuilder:
         self.request.raw_input_contents.append(_bytes_tensor(values))
 
     def add_int32_array(self, name: str, values: list[int]) -> None:
-        self.request.inputs.add(name=name, datatype="INT32", shape=[1, len(values)])
-        self.request.raw_input_contents.append(np.array(values, dtype=np.int32).tobytes())
+        self.add_array(name, np.array(values, dtype=np.int32), "INT32")
+
+    def add_array(self, name: str, values: npt.NDArray[np.generic], dtype: str) -> None:
+        """With the batch dimension (1) in front."""
+        self.request.inputs.add(name=name, datatype=dtype, shape=[1, *values.shape])
+        self.request.raw_input_contents.append(np.ascontiguousarray(values).tobytes())
 
 
-def ensemble_request(ensemble: str, request_id: str, plan: GenerationPlan) -> service_pb2.ModelInferRequest:
+def ensemble_request(
+    ensemble: str, request_id: str, plan: GenerationPlan, lora_tensors: LoraTensors | None = None
+) -> service_pb2.ModelInferRequest:
+    """The ensemble request; a custom model's adapter goes as its task id, plus `lora_tensors` when given
+    (the first request to a server, and again when the server no longer has it cached)."""
     builder = _RequestBuilder(ensemble, request_id)
     builder.add_bytes(t.TEXT_INPUT, [plan.prompt.encode("utf-8")])
     builder.add(t.MAX_TOKENS, plan.max_tokens, "INT32")
@@ -84,6 +105,12 @@ def ensemble_request(ensemble: str, request_id: str, plan: GenerationPlan) -> se
     if plan.stop_sequences:
         # The engine stops by itself where a stop word tokenizes cleanly; the gateway enforces it on text anyway.
         builder.add_bytes(t.STOP_WORDS, [s.encode("utf-8") for s in plan.stop_sequences])
+    if plan.lora is not None:
+        builder.add(t.LORA_TASK_ID, plan.lora.task_id, "UINT64")
+        if lora_tensors is not None:
+            weights, config = lora_tensors
+            builder.add_array(t.LORA_WEIGHTS, weights.astype(np.float16, copy=False), "FP16")
+            builder.add_array(t.LORA_CONFIG, config.astype(np.int32, copy=False), "INT32")
     return builder.request
 
 

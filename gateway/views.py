@@ -103,14 +103,15 @@ async def _create_completion(request: web.Request) -> web.StreamResponse:
 
 
 async def _complete(request: web.Request, body: CompletionRequest, trace: RequestTrace) -> web.StreamResponse:
-    model = request.app[REGISTRY].get(body.model)
-    plan = plan_completion(model, body)
+    resolved = request.app[REGISTRY].resolve(body.model)
+    model = resolved.base  # a custom model runs on its base model's replicas and admission
+    plan = plan_completion(resolved, body)
     trace.prompt_tokens = plan.prompt_tokens
     settings = request.app[SETTINGS]
     metrics = request.app[METRICS]
     timeout_s = _request_timeout(request, settings.request_timeout_s)
     deadline = asyncio.get_running_loop().time() + timeout_s
-    queued = metrics.queued.labels(model.entry.id)
+    queued = metrics.queued.labels(resolved.id)
     queued.inc()
     waiting = True
     try:
@@ -118,8 +119,8 @@ async def _complete(request: web.Request, body: CompletionRequest, trace: Reques
             queued.dec()
             waiting = False
             trace.queue_wait_s = time.perf_counter() - trace.arrived
-            metrics.queue_wait.labels(model.entry.id).observe(trace.queue_wait_s)
-            with metrics.in_flight.labels(model.entry.id).track_inprogress():
+            metrics.queue_wait.labels(resolved.id).observe(trace.queue_wait_s)
+            with metrics.in_flight.labels(resolved.id).track_inprogress():
                 events = run_completion(model, plan, trace.request_id, settings.stop_request_timeout_s)
                 async with contextlib.aclosing(events):
                     if body.stream:
@@ -280,7 +281,7 @@ def _event_json(event: TextDelta | Finished) -> str:
 
 async def list_models(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
-    return web.json_response(ModelList(data=[m.card() for m in registry.models.values()]).model_dump(mode="json"))
+    return web.json_response(ModelList(data=registry.cards()).model_dump(mode="json"))
 
 
 async def healthz(request: web.Request) -> web.Response:

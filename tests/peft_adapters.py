@@ -12,9 +12,14 @@ ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 def write_random_adapter(
     checkpoint: Path, out_dir: Path, seed: int, rank: int = 8, alpha: float = 16.0,
-    target_modules: list[str] | None = None,
+    target_modules: list[str] | None = None, half_precision: bool = False,
 ) -> Path:  # fmt: skip
-    """A LoRA adapter with random A and B (init_lora_weights=False, so it really changes the output)."""
+    """A LoRA adapter with random A and B (init_lora_weights=False, so it really changes the output).
+
+    half_precision: values exactly representable in float16, as adapters saved in half precision are. The
+    LoRA inputs of TensorRT-LLM (and so of the served path) carry float16; with such an adapter and a power
+    of two for alpha / rank, the served weights are exactly the adapter's, and greedy tokens can be compared
+    exactly with peft's."""
     import peft
 
     torch.manual_seed(seed)
@@ -26,6 +31,8 @@ def write_random_adapter(
         for name, parameter in peft_model.named_parameters():
             if "lora_" in name:
                 parameter.mul_(4.0)
+                if half_precision:
+                    parameter.copy_(parameter.half().float())
     peft_model.save_pretrained(str(out_dir))
     return out_dir
 

@@ -13,9 +13,10 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cpu_engine import Engine, EngineError, FinishReason, GenerationRequest, TokenEvent
+from triton_models.lora_cache import LoraCache, LoraCacheError, LoraInput
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class ScheduledRequest:
     send: Callable[[list[int], list[float], float, bool], None]  # (tokens, log_probs, cum_log_prob, final)
     send_error: Callable[[str], None]  # an error response that also ends the request
     is_cancelled: Callable[[], bool]
+    lora: LoraInput | None = None  # resolved to an adapter from the LoRA cache when the request starts
     prefix_sent: bool = False
     tokens: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
@@ -49,11 +51,18 @@ class SchedulerStats:
     queued_requests: int
     kv_tokens_in_use: int
     generated_tokens_total: int
+    lora_adapters_cached: int = 0
+    lora_loads_total: int = 0
+    lora_misses_total: int = 0
+    lora_evictions_total: int = 0
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, on_step: Callable[[SchedulerStats], None] | None = None) -> None:
+    def __init__(
+        self, engine: Engine, lora_cache: LoraCache, on_step: Callable[[SchedulerStats], None] | None = None
+    ) -> None:
         self.engine = engine
+        self.lora_cache = lora_cache
         self._inbox: queue.Queue[ScheduledRequest | StopRequest | None] = queue.Queue()
         self._active: dict[str, ScheduledRequest] = {}  # by engine request id
         self._on_step = on_step
@@ -103,11 +112,23 @@ class Scheduler:
 
     def _start(self, request: ScheduledRequest) -> None:
         try:
+            if request.lora is not None:
+                adapter = self.lora_cache.acquire(request.lora)
+                request.generation = replace(request.generation, adapter=adapter)
+        except (LoraCacheError, ValueError) as error:
+            request.send_error(str(error))
+            return
+        try:
             self.engine.submit(request.generation)
         except (EngineError, ValueError) as error:
+            self._release(request)
             request.send_error(str(error))
             return
         self._active[request.generation.request_id] = request
+
+    def _release(self, request: ScheduledRequest) -> None:
+        if request.lora is not None:
+            self.lora_cache.release(request.lora.task_id)
 
     def _stop(self, stop: StopRequest) -> None:
         for engine_id, request in self._active.items():
@@ -128,6 +149,7 @@ class Scheduler:
             request.cum_log_prob += sum(event.log_probs)
             if event.finished:
                 del self._active[event.request_id]
+                self._release(request)
             if request.streaming:
                 tokens = event.token_ids
                 if not request.prefix_sent:
@@ -146,6 +168,7 @@ class Scheduler:
     def _fail_all(self, message: str) -> None:
         for engine_id, request in list(self._active.items()):
             self.engine.cancel(engine_id)
+            self._release(request)
             try:
                 request.send_error(message)
             except Exception:
@@ -164,5 +187,9 @@ class Scheduler:
                 queued_requests=stats.queued_requests,
                 kv_tokens_in_use=stats.kv_tokens_in_use,
                 generated_tokens_total=stats.generated_tokens_total,
+                lora_adapters_cached=self.lora_cache.stats.cached,
+                lora_loads_total=self.lora_cache.stats.loads,
+                lora_misses_total=self.lora_cache.stats.misses,
+                lora_evictions_total=self.lora_cache.stats.evictions,
             )
         )

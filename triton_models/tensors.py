@@ -34,6 +34,11 @@ BAD_WORDS: Final = "bad_words"
 END_ID: Final = "end_id"
 PAD_ID: Final = "pad_id"
 RETURN_LOG_PROBS: Final = "return_log_probs"
+# LoRA, passed through to the generation model unchanged (TensorRT-LLM's names and formats): the task id
+# alone once the server has the adapter cached, with the weights and config the first time.
+LORA_TASK_ID: Final = "lora_task_id"  # uint64
+LORA_WEIGHTS: Final = "lora_weights"  # float16 [rows, width]
+LORA_CONFIG: Final = "lora_config"  # int32 [rows, 3]: module id, layer, rank
 
 TEXT_OUTPUT: Final = "text_output"  # the bytes of this response's new tokens (decode UTF-8 incrementally)
 OUTPUT_TOKEN_COUNT: Final = "output_token_count"  # new tokens in this response, for usage
