@@ -31,16 +31,31 @@ def _to_float32(raw: npt.NDArray[np.uint8], dtype: str, shape: list[int]) -> npt
 
 
 def iter_safetensors(path: Path) -> Iterator[tuple[str, npt.NDArray[np.float32]]]:
-    """Yield (name, float32 array) for every tensor in one file."""
+    """Yield (name, float32 array) for every tensor in one file; a damaged file is a CheckpointError."""
+    size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{path.name}: not a safetensors file ({size} bytes)")
     data = np.memmap(path, dtype=np.uint8, mode="r")
     (header_len,) = struct.unpack("<Q", bytes(data[:8]))
-    header = json.loads(bytes(data[8 : 8 + header_len]))
     base = 8 + header_len
+    if base > size:
+        raise CheckpointError(f"{path.name}: truncated or not a safetensors file (header of {header_len} bytes)")
+    try:
+        header = json.loads(bytes(data[8:base]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path.name}: the safetensors header is not valid JSON ({error})") from None
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        start, end = entry["data_offsets"]
-        yield name, _to_float32(np.asarray(data[base + start : base + end]), entry["dtype"], entry["shape"])
+        try:
+            start, end = entry["data_offsets"]
+            dtype, shape = entry["dtype"], entry["shape"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path.name}: tensor {name!r} has a malformed header entry") from None
+        itemsize = 2 if dtype in ("BF16", "F16") else 8 if dtype in ("F64", "I64") else 4
+        if not 0 <= start <= end <= size - base or end - start != itemsize * int(np.prod(shape)):
+            raise CheckpointError(f"{path.name}: tensor {name!r} lies outside the file or does not match its shape")
+        yield name, _to_float32(np.asarray(data[base + start : base + end]), dtype, shape)
 
 
 def load_checkpoint_tensors(checkpoint_dir: Path) -> dict[str, npt.NDArray[np.float32]]:
