@@ -52,7 +52,9 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, npt.NDArray[np.float32]]
             dtype, shape = entry["dtype"], entry["shape"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path.name}: tensor {name!r} has a malformed header entry") from None
-        itemsize = 2 if dtype in ("BF16", "F16") else 8 if dtype in ("F64", "I64") else 4
+        itemsize = np.dtype(_NUMPY_DTYPES.get(dtype, "<f4")).itemsize if dtype != "BF16" else 2
+        if dtype not in _NUMPY_DTYPES and dtype != "BF16":
+            raise CheckpointError(f"safetensors dtype {dtype} is not supported")
         if not 0 <= start <= end <= size - base or end - start != itemsize * int(np.prod(shape)):
             raise CheckpointError(f"{path.name}: tensor {name!r} lies outside the file or does not match its shape")
         yield name, _to_float32(np.asarray(data[base + start : base + end]), dtype, shape)

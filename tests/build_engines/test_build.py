@@ -223,3 +223,32 @@ def test_engine_verification_names_every_disagreement(tiny_long_context: Path, t
     (engine_dir / "rank0.engine").unlink()
     with pytest.raises(BuildFailed, match=r"no engine for rank\(s\) \[0\]"):
         verify_engine(plan)  # type: ignore[arg-type]
+
+
+def test_lora_builds_plan_the_lora_plugin_and_configure_the_lora_cache(tiny_long_context: Path, tmp_path: Path) -> None:
+    target = CATALOG.get("h100")
+    result = build(CATALOG, tiny_long_context, "h100", tmp_path / "gpu", dry_run=True, model_id="m", lora=True)
+    trtllm_build = result.plan.steps[-1].command
+    modules = trtllm_build[trtllm_build.index("--lora_target_modules") + 1 :]
+    assert trtllm_build[trtllm_build.index("--lora_plugin") + 1] == "auto"
+    assert trtllm_build[trtllm_build.index("--max_lora_rank") + 1] == str(target.lora_max_rank)
+    # TensorRT-LLM's module names: its mlp_h_to_4h is Llama's gate_proj, its mlp_gate Llama's up_proj.
+    assert modules == ["attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to_4h", "mlp_gate", "mlp_4h_to_h"]
+    trt = _configs(result.repository)[t.TENSORRT_LLM]
+    assert trt.parameters["lora_cache_max_adapter_size"].string_value == str(target.lora_max_rank)
+    assert float(trt.parameters["lora_cache_gpu_memory_fraction"].string_value) == target.lora_cache_gpu_memory_fraction
+    assert {i.name for i in trt.input} >= {t.LORA_TASK_ID, t.LORA_WEIGHTS, t.LORA_CONFIG}
+    entry = tomllib.loads(result.registry_entry.read_text())["models"][0]
+    settings = GatewaySettings(models=[entry])
+    assert settings.models[0].lora is not None and settings.models[0].lora.max_rank == target.lora_max_rank
+    manifest = json.loads((tmp_path / "gpu" / MANIFEST_FILE).read_text())
+    assert manifest["lora"] == {"max_rank": target.lora_max_rank, "target_modules": target.lora_target_modules}
+    # Without --lora: no plugin, no LoRA table for the gateway (custom models are refused on that base).
+    plain = build(CATALOG, tiny_long_context, "h100", tmp_path / "plain", dry_run=True, model_id="m")
+    assert "--lora_plugin" not in plain.plan.steps[-1].command
+    assert GatewaySettings(models=tomllib.loads(plain.registry_entry.read_text())["models"]).models[0].lora is None
+    # The CPU target renders the same limits into cpu_llm.
+    cpu = build(CATALOG, tiny_long_context, "cpu", tmp_path / "cpu", dry_run=True, model_id="m", lora=True)
+    cpu_llm = _configs(cpu.repository)[t.CPU_LLM]
+    assert cpu_llm.parameters["lora_max_rank"].string_value == str(CATALOG.get("cpu").lora_max_rank)
+    assert cpu_llm.parameters["lora_cache_max_adapters"].string_value == str(CATALOG.get("cpu").lora_cache_max_adapters)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
 from build_engines.tiny_checkpoints import TokenizerStyle
 from cpu_engine import CheckpointError, Engine, GenerationRequest, ModelConfig, SamplingParams
-from cpu_engine.lora import LoraAdapter, load_peft_adapter
+from cpu_engine.lora import LoraAdapter, from_trtllm, load_peft_adapter, to_trtllm
 from tests.hf_reference import hf_greedy
 from tests.peft_adapters import load_reference_with_adapter, write_random_adapter
 from tests.prompts import VARIED_PROMPTS
@@ -76,6 +77,46 @@ def test_tiny_checkpoints_with_an_adapter_match_transformers_and_peft(
     reference = load_reference_with_adapter(checkpoint, adapter_dir)
     expected = [hf_greedy(reference, p, NEW_TOKENS) for p in prompts]
     assert _greedy(Engine.from_checkpoint(checkpoint), prompts, [adapter] * 3) == expected
+
+
+def test_the_tensorrt_llm_lora_tensors_serve_the_same_adapter_on_the_tiny_checkpoints(
+    tiny_checkpoints: dict[TokenizerStyle, Path], tiny_style: TokenizerStyle, tmp_path: Path
+) -> None:
+    """What the gateway sends (lora_weights float16, lora_config rows) is, for a half-precision adapter, exactly the
+    adapter: greedy tokens equal transformers + peft."""
+    checkpoint = tiny_checkpoints[tiny_style]
+    adapter_dir = write_random_adapter(checkpoint, tmp_path / "adapter", seed=6, rank=4, alpha=8.0,
+                                       half_precision=True)  # fmt: skip
+    config = ModelConfig.from_checkpoint(checkpoint)
+    weights, rows = to_trtllm(load_peft_adapter(adapter_dir, config))
+    assert weights.dtype == np.float16 and rows.shape == (config.num_layers * 7, 3)
+    assert sorted({int(m) for m in rows[:, 0]}) == [1, 2, 3, 4, 5, 6, 7] and set(rows[:, 2]) == {4}
+    adapter = from_trtllm(weights, rows, config, max_rank=4)
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    prompts = [tokenizer.encode(p).ids for p in VARIED_PROMPTS[:3]]
+    reference = load_reference_with_adapter(checkpoint, adapter_dir)
+    expected = [hf_greedy(reference, p, NEW_TOKENS) for p in prompts]
+    assert _greedy(Engine.from_checkpoint(checkpoint), prompts, [adapter] * 3) == expected
+
+
+def test_malformed_tensorrt_llm_lora_tensors_are_refused(
+    tiny_checkpoints: dict[TokenizerStyle, Path], tmp_path: Path
+) -> None:
+    checkpoint = tiny_checkpoints[TokenizerStyle.BYTE_BPE]
+    config = ModelConfig.from_checkpoint(checkpoint)
+    weights, rows = to_trtllm(load_peft_adapter(write_random_adapter(checkpoint, tmp_path / "a", seed=7), config))
+    with pytest.raises(ValueError, match="maximum LoRA rank"):
+        from_trtllm(weights, rows, config, max_rank=4)
+    with pytest.raises(ValueError, match=r"attn_k \(k_proj\) is not enabled"):
+        from_trtllm(weights, rows, config, max_rank=64, allowed_modules=("q_proj", "v_proj"))
+    bad = rows.copy()
+    bad[0, 0] = 9
+    with pytest.raises(ValueError, match="module id 9"):
+        from_trtllm(weights, bad, config, max_rank=64)
+    with pytest.raises(ValueError, match="one row per lora_config row"):
+        from_trtllm(weights[:-1], rows, config, max_rank=64)
+    with pytest.raises(ValueError, match="shorter than rank"):
+        from_trtllm(weights[:, :10], rows, config, max_rank=64)
 
 
 def test_bad_adapters_are_refused_with_the_reason(tiny_checkpoints: dict[TokenizerStyle, Path], tmp_path: Path) -> None:

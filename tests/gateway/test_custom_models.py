@@ -108,9 +108,11 @@ async def _upload(
     for name, content in files.items():
         form.add_field(name, io.BytesIO(content), filename=name, content_type="application/octet-stream")
     headers = {} if key is None else {"x-admin-key": key}
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{url}/v4/admin/adapters", data=form, headers=headers) as response:
-            return response.status, await response.json()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/v4/admin/adapters", data=form, headers=headers) as response,
+    ):
+        return response.status, await response.json()
 
 
 def _files(adapter: Path) -> dict[str, bytes]:
@@ -123,9 +125,8 @@ def _register(url: str, custom_id: str, adapter: Path, base: str = MODEL) -> tup
 
 async def _admin(url: str, method: str, path: str, key: str | None = ADMIN_KEY) -> tuple[int, Any]:
     headers = {} if key is None else {"x-admin-key": key}
-    async with aiohttp.ClientSession() as session:
-        async with session.request(method, f"{url}{path}", headers=headers) as response:
-            return response.status, await response.json()
+    async with aiohttp.ClientSession() as session, session.request(method, f"{url}{path}", headers=headers) as response:
+        return response.status, await response.json()
 
 
 async def _complete(session: aiohttp.ClientSession, url: str, model: str, prompt: str) -> tuple[int, Any]:

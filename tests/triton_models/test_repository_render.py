@@ -79,7 +79,7 @@ def test_ensemble_speaks_the_names_clients_of_nvidias_ensemble_use() -> None:
     assert names == {
         t.TEXT_INPUT, t.MAX_TOKENS, t.STREAM, t.TEMPERATURE, t.TOP_K, t.TOP_P, t.PRESENCE_PENALTY,
         t.FREQUENCY_PENALTY, t.REPETITION_PENALTY, t.MIN_TOKENS, t.SEED, t.STOP_WORDS, t.BAD_WORDS, t.END_ID,
-        t.PAD_ID, t.RETURN_LOG_PROBS,
+        t.PAD_ID, t.RETURN_LOG_PROBS, t.LORA_TASK_ID, t.LORA_WEIGHTS, t.LORA_CONFIG,
     }  # fmt: skip
     assert {o.name for o in config.output} == {
         t.TEXT_OUTPUT,
