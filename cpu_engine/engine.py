@@ -138,6 +138,8 @@ class Engine:
         if not self.running:
             return events
         scheduled = self._schedule()
+        # Rows of one adapter side by side: its low-rank products then run once over one slice of the batch.
+        scheduled.sort(key=lambda item: (item[0].request.adapter is not None, id(item[0].request.adapter)))
         segments = [Segment(seq.cache, tokens, seq.request.adapter) for seq, tokens in scheduled]
         # A prompt chunk that does not finish its prompt produces no token, so it needs no logits.
         wants_token = [

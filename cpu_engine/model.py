@@ -71,14 +71,25 @@ def _linear(x: FloatArray, weight: FloatArray) -> FloatArray:
 _ROWS_AS_VECTOR_PRODUCTS = 2
 
 
-def _adapter_rows(segments: list[Segment], lengths: list[int]) -> list[tuple[slice, LoraAdapter]]:
-    """The rows of each segment that has an adapter (consecutive rows of one segment form one slice)."""
-    groups = []
+def _adapter_rows(segments: list[Segment], lengths: list[int]) -> list[tuple[slice | IntArray, LoraAdapter]]:
+    """The rows of each adapter in the batch, all its sequences together: one slice when they are adjacent,
+    else an index array. One pair of low-rank products per adapter, not per sequence."""
+    rows_by_adapter: dict[int, tuple[LoraAdapter, list[range]]] = {}
     row = 0
     for segment, n in zip(segments, lengths, strict=True):
         if segment.adapter is not None:
-            groups.append((slice(row, row + n), segment.adapter))
+            ranges = rows_by_adapter.setdefault(id(segment.adapter), (segment.adapter, []))[1]
+            if ranges and ranges[-1].stop == row:
+                ranges[-1] = range(ranges[-1].start, row + n)
+            else:
+                ranges.append(range(row, row + n))
         row += n
+    groups: list[tuple[slice | IntArray, LoraAdapter]] = []
+    for adapter, ranges in rows_by_adapter.values():
+        if len(ranges) == 1:
+            groups.append((slice(ranges[0].start, ranges[0].stop), adapter))
+        else:
+            groups.append((np.concatenate([np.arange(r.start, r.stop) for r in ranges]), adapter))
     return groups
 
 

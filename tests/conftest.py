@@ -41,8 +41,13 @@ def tiny_style(request: pytest.FixtureRequest) -> TokenizerStyle:
     return request.param  # type: ignore[no-any-return]
 
 
+# The session's servers serve LoRA adapters too, as the embedded default does.
+SESSION_LORA_MAX_RANK = 64
+
+
 def _serve(checkpoint: Path, workdir: Path) -> EmbeddedTriton:
-    repository = render_repository(RepositorySettings(checkpoint_dir=str(checkpoint)), workdir / "repository")
+    settings = RepositorySettings(checkpoint_dir=str(checkpoint), lora_max_rank=SESSION_LORA_MAX_RANK)
+    repository = render_repository(settings, workdir / "repository")
     return EmbeddedTriton(repository, log_path=workdir / "triton.log").start()
 
 

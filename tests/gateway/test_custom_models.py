@@ -21,12 +21,14 @@ from build_engines.repository import RepositorySettings, render_repository
 from build_engines.tiny_checkpoints import TokenizerStyle
 from gateway.auth import hash_key
 from gateway.settings import GatewaySettings, LoraSettings
+from tests.conftest import SESSION_LORA_MAX_RANK
 from tests.gateway.conftest import MODEL, GatewayThread, RunningGateway, gateway_settings, model_entry
 from tests.hf_reference import hf_greedy
 from tests.peft_adapters import load_reference_with_adapter, write_random_adapter
 from tests.prompts import VARIED_PROMPTS
 from tests.triton_client import metric_value
 from triton_models.launcher import EmbeddedTriton
+from triton_models.token_bytes import TokenBytes
 
 pytestmark = pytest.mark.transformers
 
@@ -148,13 +150,14 @@ def _texts(url: str, models: list[str], prompts: list[str]) -> list[str]:
 
 
 def _expected_text(checkpoint: Path, model: Any, prompt: str) -> str:
-    """transformers' greedy continuation as text, cut where the served model stops (its end-of-sequence id)."""
+    """transformers' greedy continuation as the served text: its tokens' bytes (as postprocessing emits them),
+    cut where the served model stops (its end-of-sequence id), decoded as the gateway decodes."""
     tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
     ids = hf_greedy(model, tokenizer.encode(prompt).ids, NEW_TOKENS)
     eos = json.loads((checkpoint / "generation_config.json").read_text())["eos_token_id"]
     end_ids = set(eos if isinstance(eos, list) else [eos])
     cut = next((i for i, token in enumerate(ids) if token in end_ids), len(ids))
-    return tokenizer.decode(ids[:cut], skip_special_tokens=False)
+    return TokenBytes(tokenizer).join(ids[:cut]).decode("utf-8", errors="replace")
 
 
 def _lora_metric(server: EmbeddedTriton, name: str) -> float:
@@ -187,6 +190,26 @@ def test_an_adapter_registered_from_the_command_line_answers_like_transformers_a
     assert served == [_expected_text(reference_checkpoint, reference, p) for p in PROMPTS]
     base = _texts(gateway.url, [MODEL] * len(PROMPTS), PROMPTS)
     assert all(a != b for a, b in zip(served, base, strict=True))  # the adapter really changes the answer
+
+
+def test_adapters_on_the_tiny_checkpoints_answer_like_transformers_and_peft_through_the_gateway(
+    tiny_checkpoints: dict[TokenizerStyle, Path], tiny_tritons: dict[TokenizerStyle, EmbeddedTriton], tmp_path: Path
+) -> None:
+    for style, checkpoint in tiny_checkpoints.items():
+        entry = model_entry(checkpoint, tiny_tritons[style].grpc_url, model_id=f"tiny-{style.value}")
+        entry = entry.model_copy(update={"lora": LoraSettings(max_rank=SESSION_LORA_MAX_RANK)})
+        modules = ["q_proj", "v_proj", "o_proj", "up_proj"]
+        adapter = write_random_adapter(
+            checkpoint, tmp_path / style.value, seed=21, rank=4, alpha=8.0, target_modules=modules, half_precision=True
+        )
+        with GatewayThread(gateway_settings([entry], admin_key_sha256=hash_key(ADMIN_KEY))) as running:
+            status, _ = asyncio.run(_upload(running.url, {"id": "tiny-ft", "base_model": entry.id}, _files(adapter)))
+            assert status == 201
+            served = _texts(running.url, ["tiny-ft"] * len(PROMPTS), PROMPTS)
+            base = _texts(running.url, [entry.id] * len(PROMPTS), PROMPTS)
+        reference = load_reference_with_adapter(checkpoint, adapter)
+        assert served == [_expected_text(checkpoint, reference, p) for p in PROMPTS], style
+        assert served != base, style
 
 
 def test_the_admin_api_registers_lists_and_removes_custom_models(
