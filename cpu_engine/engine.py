@@ -78,8 +78,15 @@ class Engine:
         c = self.config
         if not request.prompt_ids:
             raise ValueError("input_ids: the prompt is empty")
-        if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= c.vocab_size:
-            raise ValueError(f"input_ids: token ids must be in [0, {c.vocab_size})")
+        table = request.prompt_table
+        rows = 0 if table is None else table.shape[0]
+        if table is not None and (table.ndim != 2 or table.shape[1] != c.hidden_size):
+            raise ValueError(f"prompt_embedding_table must be [rows, {c.hidden_size}], not {list(table.shape)}")
+        if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= c.vocab_size + rows:
+            raise ValueError(
+                f"input_ids: token ids must be in [0, {c.vocab_size})"
+                + (f", or [{c.vocab_size}, {c.vocab_size + rows}) for the prompt table's rows" if rows else "")
+            )
         if request.max_new_tokens < 1:
             raise ValueError(f"request_output_len must be >= 1, got {request.max_new_tokens}")
         if request.min_tokens < 0:
@@ -140,7 +147,9 @@ class Engine:
         scheduled = self._schedule()
         # Rows of one adapter side by side: its low-rank products then run once over one slice of the batch.
         scheduled.sort(key=lambda item: (item[0].request.adapter is not None, id(item[0].request.adapter)))
-        segments = [Segment(seq.cache, tokens, seq.request.adapter) for seq, tokens in scheduled]
+        segments = [
+            Segment(seq.cache, tokens, seq.request.adapter, seq.request.prompt_table) for seq, tokens in scheduled
+        ]
         # A prompt chunk that does not finish its prompt produces no token, so it needs no logits.
         wants_token = [
             not seq.in_prefill or seq.cache.length + len(tokens) >= len(seq.prompt) for seq, tokens in scheduled

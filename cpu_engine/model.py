@@ -33,6 +33,7 @@ class Segment:
     cache: SequenceKVCache
     token_ids: IntArray
     adapter: LoraAdapter | None = None  # this sequence's LoRA adapter (None: the base model)
+    prompt_table: FloatArray | None = None  # rows for token ids >= vocab_size (GenerationRequest.prompt_table)
 
 
 @dataclass
@@ -157,6 +158,23 @@ class LlamaModel:
         config = ModelConfig.from_checkpoint(checkpoint_dir)
         return cls(config, load_checkpoint_tensors(checkpoint_dir))
 
+    def _embed(self, segments: list[Segment], token_ids: IntArray) -> FloatArray:
+        """Token embeddings; ids past the vocabulary take their rows from the segment's prompt table."""
+        vocab = self.config.vocab_size
+        beyond = token_ids >= vocab
+        if not beyond.any():
+            return self.embed[token_ids]
+        x: FloatArray = self.embed[np.where(beyond, 0, token_ids)]
+        row = 0
+        for segment in segments:
+            n = len(segment.token_ids)
+            fake = np.flatnonzero(beyond[row : row + n])
+            if fake.size:
+                assert segment.prompt_table is not None  # the engine checked the ids against the table
+                x[row + fake] = segment.prompt_table[token_ids[row + fake] - vocab]
+            row += n
+        return x
+
     def forward(self, segments: list[Segment], wants_logits: list[bool] | None = None) -> FloatArray:
         """Run the new tokens of every segment and extend their caches.
 
@@ -174,7 +192,7 @@ class LlamaModel:
         for s, n in zip(segments, lengths, strict=True):
             if s.cache.length + n > s.cache.capacity:
                 raise ValueError("segment exceeds its sequence's reserved cache")
-        x = self.embed[token_ids]
+        x = self._embed(segments, token_ids)
         lora = _adapter_rows(segments, lengths)
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, c.rms_norm_eps)

@@ -34,6 +34,9 @@ class GenerationRequest:
     min_tokens: int = 0  # end ids are masked until this many tokens were generated
     return_log_probs: bool = False
     adapter: LoraAdapter | None = None  # a LoRA adapter on the base model (None: the base model itself)
+    # p-tuning, as TensorRT-LLM does it: prompt ids >= vocab_size are rows of this table [rows, hidden]
+    # (vocab_size + i is row i), e.g. an image's features in place of its placeholder tokens.
+    prompt_table: npt.NDArray[np.float32] | None = None
 
 
 @dataclass
@@ -57,7 +60,8 @@ class Sequence:
         self.request = request
         self.prompt = np.asarray(request.prompt_ids, dtype=np.int64)
         self.cache = cache
-        self.sampler = Sampler(request.sampling, vocab_size, self.prompt)
+        # Table rows are not tokens: penalties see only the real ones.
+        self.sampler = Sampler(request.sampling, vocab_size, self.prompt[self.prompt < vocab_size])
         self.output: list[int] = []
         self.cumulative_log_prob = 0.0
         self._end_ids = np.asarray(request.end_ids, dtype=np.int64)
