@@ -50,6 +50,8 @@ class RepositorySettings:
     lora_max_rank: int = 0
     lora_target_modules: str = ""
     lora_cache_max_adapters: int = 8
+    # image features enter the prompt as a table of this type: float32 on CPU, the engine's dtype on GPUs
+    prompt_embedding_table_data_type: str = "TYPE_FP32"
     # tensorrt_llm
     engine_dir: str = ""
     decoupled_mode: bool = True

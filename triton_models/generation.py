@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from cpu_engine import Engine, EngineLimits, GenerationRequest, SamplingParams
 from cpu_engine.lora import MODULES
@@ -67,10 +68,23 @@ def parse_request(request: Any, engine_id: str, exclude_input_default: bool) -> 
         bad_sequences=bad_sequences,
         min_tokens=int(scalar(request, t.GEN_MIN_TOKENS, 0)),
         return_log_probs=bool(scalar(request, t.GEN_RETURN_LOG_PROBS, False)),
+        prompt_table=_prompt_table(request),
     )
     streaming = bool(scalar(request, t.STREAMING, False))
     exclude_input = bool(scalar(request, t.EXCLUDE_INPUT_IN_OUTPUT, exclude_input_default))
     return generation, streaming, exclude_input
+
+
+def _prompt_table(request: Any) -> npt.NDArray[np.float32] | None:
+    table = optional_tensor(request, t.PROMPT_EMBEDDING_TABLE)
+    if table is None or table.size == 0:
+        return None
+    if table.ndim == 3 and table.shape[0] == 1:  # with the batch dimension
+        table = table[0]
+    rows = scalar(request, t.PROMPT_VOCAB_SIZE, None)
+    if rows is not None and int(rows) != table.shape[0]:
+        raise ValueError(f"'{t.PROMPT_VOCAB_SIZE}' ({rows}) is not the table's {table.shape[0]} rows")
+    return np.ascontiguousarray(table, dtype=np.float32)
 
 
 def parse_lora(request: Any) -> LoraInput | None:

@@ -66,6 +66,10 @@ STREAMING: Final = "streaming"
 EXCLUDE_INPUT_IN_OUTPUT: Final = "exclude_input_in_output"
 GEN_RETURN_LOG_PROBS: Final = "return_log_probs"
 STOP: Final = "stop"
+# p-tuning / image features: ids >= vocab_size in input_ids are rows of this table (float32 on CPU, the
+# engine's dtype on GPUs); prompt_vocab_size = its rows.
+PROMPT_EMBEDDING_TABLE: Final = "prompt_embedding_table"
+PROMPT_VOCAB_SIZE: Final = "prompt_vocab_size"
 
 OUTPUT_IDS: Final = "output_ids"
 SEQUENCE_LENGTH: Final = "sequence_length"
