@@ -17,8 +17,10 @@ from cpu_engine import CheckpointError, ModelConfig
 from cpu_engine.lora import TRTLLM_MODULES
 
 # Architectures TensorRT-LLM's llama example converts (the CPU engine serves the same set).
-GPU_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-_EXAMPLE_DIRS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen"}
+GPU_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "LlavaForConditionalGeneration")
+# LLaVA's language model converts with the llama example (it reads the LLaVA checkpoint's language part).
+_EXAMPLE_DIRS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen",
+                 "LlavaForConditionalGeneration": "llama"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -130,5 +132,23 @@ def plan_build(
         # The LoRA plugin in the model's dtype; adapters then arrive with requests (lora_weights, lora_config).
         build += ["--lora_plugin", "auto", "--max_lora_rank", str(target.lora_max_rank), "--lora_target_modules",
                   *(TRTLLM_MODULES[m][0] for m in target.lora_target_modules)]  # fmt: skip
-    plan.steps.extend([convert, Step(f"build one engine per rank ({target.world_size})", build)])
+    steps = [convert]
+    if model.accepts_images:
+        from cpu_engine.vision import VisionConfig
+
+        # The LLM takes image features as a prompt table: room for every sequence's images at once.
+        rows = (
+            target.max_batch_size
+            * target.max_images_per_request
+            * VisionConfig.from_checkpoint(checkpoint).tokens_per_image
+        )
+        build += ["--max_prompt_embedding_table_size", str(rows)]
+        visual = [
+            "python3", str(examples / "multimodal" / "build_visual_engine.py"), "--model_type", "llava",
+            "--model_path", str(checkpoint), "--output_dir", str(engine_dir / "vision"),
+            "--max_batch_size", str(target.max_batch_size * target.max_images_per_request),
+        ]  # fmt: skip
+        steps.append(Step("build the vision engine (vision tower + projector) for multimodal_encoders", visual))
+    steps.insert(1, Step(f"build one engine per rank ({target.world_size})", build))
+    plan.steps.extend(steps)
     return plan

@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 import shutil
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from cpu_engine import ModelConfig
 from cpu_engine.errors import CheckpointError
 from model_repository import TEMPLATE_DIR
 from triton_models import tensors as t
@@ -50,6 +51,9 @@ class RepositorySettings:
     lora_max_rank: int = 0
     lora_target_modules: str = ""
     lora_cache_max_adapters: int = 8
+    # Vision-language checkpoints (set by render_repository from the checkpoint): a multimodal_encoders
+    # model, and the ensemble passes images through preprocessing to the generation model's prompt table.
+    multimodal: bool = False
     # image features enter the prompt as a table of this type: float32 on CPU, the engine's dtype on GPUs
     prompt_embedding_table_data_type: str = "TYPE_FP32"
     # tensorrt_llm
@@ -72,10 +76,31 @@ class RepositorySettings:
         values["tokenizer_dir"] = self.checkpoint_dir
         if self.max_tokens_in_paged_kv_cache == 0:
             values["max_tokens_in_paged_kv_cache"] = ""  # empty: let TensorRT-LLM size it from the memory fraction
+        values.update(_MULTIMODAL_SNIPPETS if self.multimodal else dict.fromkeys(_MULTIMODAL_SNIPPETS, ""))
+        values["multimodal_encoders_model"] = t.MULTIMODAL_ENCODERS if self.multimodal else ""
         return values
 
     def models(self) -> list[str]:
-        return [t.PREPROCESSING, self.generation_model, t.POSTPROCESSING, t.ENSEMBLE]
+        encoders = [t.MULTIMODAL_ENCODERS] if self.multimodal else []
+        return [t.PREPROCESSING, *encoders, self.generation_model, t.POSTPROCESSING, t.ENSEMBLE]
+
+
+# The ensemble's image path, present only for vision-language checkpoints: a text-only engine must never be
+# handed a prompt table (TensorRT-LLM refuses one an engine was not built for).
+_MULTIMODAL_SNIPPETS = {
+    "ensemble_image_input": (
+        f'input {{ name: "{t.IMAGE_BYTES_INPUT}", data_type: TYPE_STRING, dims: [ -1 ], optional: true }}'
+    ),
+    "preprocessing_image_map": (
+        f'input_map {{ key: "{t.PRE_IMAGE_BYTES}" value: "{t.IMAGE_BYTES_INPUT}" }} '
+        f'output_map {{ key: "{t.PRE_PROMPT_EMBEDDING_TABLE}" value: "_PROMPT_EMBEDDING_TABLE" }} '
+        f'output_map {{ key: "{t.PRE_PROMPT_VOCAB_SIZE}" value: "_PROMPT_VOCAB_SIZE" }}'
+    ),
+    "generation_image_map": (
+        f'input_map {{ key: "{t.PROMPT_EMBEDDING_TABLE}" value: "_PROMPT_EMBEDDING_TABLE" }} '
+        f'input_map {{ key: "{t.PROMPT_VOCAB_SIZE}" value: "_PROMPT_VOCAB_SIZE" }}'
+    ),
+}
 
 
 def render_config(template: str, variables: dict[str, str], origin: str) -> str:
@@ -101,6 +126,8 @@ def render_repository(settings: RepositorySettings, out_dir: Path, templates: Pa
         raise CheckpointError(f"{checkpoint}: no tokenizer.json (is it a checkpoint directory?)")
     if settings.generation_model == t.TENSORRT_LLM and not settings.engine_dir:
         raise RenderError("the tensorrt_llm generation model needs an engine directory")
+    if (checkpoint / "config.json").is_file() and ModelConfig.from_checkpoint(checkpoint).accepts_images:
+        settings = replace(settings, multimodal=True)
     variables = settings.variables()
     rendered = {}
     for model in settings.models():
@@ -116,7 +143,7 @@ def render_repository(settings: RepositorySettings, out_dir: Path, templates: Pa
         (staging / "1").mkdir(exist_ok=True)
         shutil.rmtree(out_dir / model, ignore_errors=True)
         staging.rename(out_dir / model)
-    for stale in (t.CPU_LLM, t.TENSORRT_LLM, t.ECHO_LLM):
+    for stale in (t.CPU_LLM, t.TENSORRT_LLM, t.ECHO_LLM, t.MULTIMODAL_ENCODERS):
         if stale not in settings.models():
             shutil.rmtree(out_dir / stale, ignore_errors=True)  # a previous render for another generation model
     return out_dir

@@ -53,6 +53,7 @@ class Target(BaseModel):
     enable_chunked_context: bool
     enable_kv_cache_reuse: bool
     batch_scheduler_policy: Literal["guaranteed_no_evict", "max_utilization"]
+    max_images_per_request: Annotated[int, Field(ge=1)] = 4  # vision-language checkpoints: the prompt table's room
     # LoRA, when a build asks for it (--lora): the largest adapter rank, the modules (Hugging Face names),
     # and how many adapters the server's LoRA cache holds (the CPU engine counts adapters; TensorRT-LLM
     # sizes its cache from lora_cache_gpu_memory_fraction).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,9 @@ from cpu_engine.errors import CheckpointError
 # Architectures whose decoder is the Llama block (RMSNorm, RoPE, GQA, SwiGLU).
 # Qwen2 differs only by the q/k/v bias; Mistral only by its name (no sliding window here).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Vision-language checkpoints whose language model is one of the above (its config under text_config); the
+# vision side is cpu_engine/vision.py.
+VISION_LANGUAGE_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,18 @@ class ModelConfig:
         """float32 keys and values over all layers: what one cached token costs."""
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * 4
 
+    @property
+    def accepts_images(self) -> bool:
+        return self.architecture in VISION_LANGUAGE_ARCHITECTURES
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
         architectures = raw.get("architectures") or ["LlamaForCausalLM"]
+        if architectures[0] in VISION_LANGUAGE_ARCHITECTURES:
+            # The language model's own config; the checkpoint's identity stays the vision-language one.
+            text = {"tie_word_embeddings": raw.get("tie_word_embeddings", False), **raw["text_config"]}
+            text["architectures"] = text.get("architectures") or ["LlamaForCausalLM"]
+            return replace(cls.from_dict(text, generation), architecture=architectures[0])
         architecture = architectures[0]
         if architecture not in SUPPORTED_ARCHITECTURES:
             raise CheckpointError(

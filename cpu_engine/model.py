@@ -94,6 +94,24 @@ def _adapter_rows(segments: list[Segment], lengths: list[int]) -> list[tuple[sli
     return groups
 
 
+# A vision-language checkpoint's language model under its Llama names (transformers 5 and 4.x layouts).
+_LANGUAGE_MODEL_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                            ("language_model.lm_head.", "lm_head."))  # fmt: skip
+
+
+def _language_model_tensors(tensors: dict[str, FloatArray]) -> dict[str, FloatArray]:
+    renamed = {}
+    for name, tensor in tensors.items():
+        for prefix, replacement in _LANGUAGE_MODEL_PREFIXES:
+            if name.startswith(prefix):
+                renamed[replacement + name[len(prefix) :]] = tensor
+                break
+        else:
+            if name.startswith("lm_head."):
+                renamed[name] = tensor
+    return renamed
+
+
 def _silu(x: FloatArray) -> FloatArray:
     return cast(FloatArray, x / (np.float32(1) + np.exp(-x)))
 
@@ -156,7 +174,8 @@ class LlamaModel:
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: Path) -> LlamaModel:
         config = ModelConfig.from_checkpoint(checkpoint_dir)
-        return cls(config, load_checkpoint_tensors(checkpoint_dir))
+        tensors = load_checkpoint_tensors(checkpoint_dir)
+        return cls(config, _language_model_tensors(tensors) if config.accepts_images else tensors)
 
     def _embed(self, segments: list[Segment], token_ids: IntArray) -> FloatArray:
         """Token embeddings; ids past the vocabulary take their rows from the segment's prompt table."""

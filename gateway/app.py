@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway.accounting import Accounting
 from gateway.auth import Authenticator
 from gateway.completions import finish_pending_stops
+from gateway.images import ImagePolicy
 from gateway.ledger.databases import open_ledger_database
 from gateway.ledger.writer import LedgerWriter
 from gateway.lifecycle import Lifecycle
@@ -19,7 +20,16 @@ from gateway.registry import ModelRegistry
 from gateway.replicas import EndpointDirectory, health_monitor
 from gateway.routes import setup_routes
 from gateway.settings import GatewaySettings
-from gateway.state import ACCOUNTING, AUTHENTICATOR, LEDGER_DATABASE, LIFECYCLE, METRICS, REGISTRY, SETTINGS
+from gateway.state import (
+    ACCOUNTING,
+    AUTHENTICATOR,
+    IMAGE_POLICY,
+    LEDGER_DATABASE,
+    LIFECYCLE,
+    METRICS,
+    REGISTRY,
+    SETTINGS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +87,14 @@ def init_app(settings: GatewaySettings) -> web.Application:
     app[METRICS] = GatewayMetrics()
     app[LIFECYCLE] = Lifecycle()
     app[AUTHENTICATOR] = Authenticator(settings.api_keys)
+    app[IMAGE_POLICY] = ImagePolicy.from_strings(
+        settings.image_fetch_allowed_networks,
+        max_images=settings.max_images_per_request,
+        max_bytes=settings.max_image_bytes,
+        max_pixels=settings.max_image_pixels,
+        timeout_s=settings.image_fetch_timeout_s,
+        max_redirects=settings.image_fetch_max_redirects,
+    )
     if app[AUTHENTICATOR].open_mode:
         log.warning("open mode: no API keys are configured, every request is accepted (local development only)")
     else:

@@ -9,12 +9,13 @@ import asyncio
 import codecs
 import logging
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from tritonclient.grpc.service_pb2 import ModelInferRequest
 
 from gateway.errors import AdapterNotCached, InferenceFailed, InvalidRequest, ModelUnhealthy, ReplicaFailure
+from gateway.images import Image
 from gateway.registry import ResolvedModel, ServedModel
 from gateway.schema import CompletionRequest, FinishReason, TokenUsage
 from gateway.stop_sequences import StopSequenceMatcher
@@ -42,12 +43,20 @@ class Finished:
 Event = TextDelta | Finished
 
 
-def plan_completion(resolved: ResolvedModel, request: CompletionRequest) -> GenerationPlan:
+def check_images_accepted(resolved: ResolvedModel, request: CompletionRequest) -> None:
     model = resolved.base
     if request.images and not model.entry.accepts_images:
         raise InvalidRequest(f"model '{model.entry.id}' does not accept images", param="images")
+
+
+def plan_completion(
+    resolved: ResolvedModel, request: CompletionRequest, images: Sequence[Image] = ()
+) -> GenerationPlan:
+    """The generation plan; `images` are the request's images, already loaded and checked."""
+    model = resolved.base
+    check_images_accepted(resolved, request)
     parameters = request.model_parameters
-    prompt_tokens = model.count_prompt_tokens(request.prompt)
+    prompt_tokens = model.count_prompt_tokens(request.prompt, len(images))
     if prompt_tokens == 0:  # e.g. only control characters the tokenizer drops: nothing to continue from
         raise InvalidRequest("the prompt has no tokens for this model's tokenizer", param="prompt")
     return GenerationPlan(
@@ -61,6 +70,7 @@ def plan_completion(resolved: ResolvedModel, request: CompletionRequest) -> Gene
         frequency_penalty=parameters.frequency_penalty,
         stop_sequences=tuple(parameters.stop_sequences or ()),
         lora=resolved.lora,
+        images=tuple(image.data for image in images),
     )
 
 

@@ -15,6 +15,25 @@ from gateway.replicas import EndpointDirectory, ReplicaPool
 from gateway.schema import ModelCard
 from gateway.settings import GatewaySettings, ModelEntry
 from gateway.triton_translation import LoraRequest
+from triton_models.image_prompt import place_images, prompt_tokens_with_images
+
+
+@dataclass(frozen=True)
+class ImageSlots:
+    """How a vision-language model's prompt holds images: the placeholder text, and tokens per image."""
+
+    placeholder: str
+    tokens_per_image: int
+
+    @classmethod
+    def of(cls, entry: ModelEntry, tokenizer: Tokenizer) -> ImageSlots:
+        from cpu_engine.vision import VisionConfig
+
+        vision = VisionConfig.from_checkpoint(entry.tokenizer_dir)
+        placeholder = tokenizer.id_to_token(vision.image_token_id)
+        if placeholder is None:
+            raise ValueError(f"model '{entry.id}': the tokenizer has no image token (id {vision.image_token_id})")
+        return cls(placeholder, vision.tokens_per_image)
 
 
 @dataclass
@@ -23,10 +42,18 @@ class ServedModel:
     tokenizer: Tokenizer
     replicas: ReplicaPool
     admission: ModelAdmission
+    images: ImageSlots | None = None  # set when the model accepts images
 
-    def count_prompt_tokens(self, prompt: str) -> int:
-        # The same tokenizer as the ensemble's preprocessing, so the counts agree.
-        return len(self.tokenizer.encode(prompt).ids)
+    def count_prompt_tokens(self, prompt: str, images: int = 0) -> int:
+        """What the model reads, as the ensemble's preprocessing builds it: the same tokenizer, the images'
+        placeholders placed the same way, each expanded to its image's tokens (usage counts those)."""
+        if not images or self.images is None:
+            return len(self.tokenizer.encode(prompt).ids)
+        try:
+            text = place_images(prompt, images, self.images.placeholder)
+        except ValueError as error:
+            raise InvalidRequest(str(error), param="prompt") from None
+        return prompt_tokens_with_images(len(self.tokenizer.encode(text).ids), images, self.images.tokens_per_image)
 
     def resolve_max_tokens(self, requested: int | None, prompt_tokens: int) -> int:
         context = self.entry.context_length
@@ -127,5 +154,6 @@ class ModelRegistry:
                 settings.max_queued,
                 settings.retry_after_s,
             )
-            served.append(ServedModel(entry, tokenizer, ReplicaPool(entry, directory), admission))
+            images = ImageSlots.of(entry, tokenizer) if entry.accepts_images else None
+            served.append(ServedModel(entry, tokenizer, ReplicaPool(entry, directory), admission, images))
         return cls(served, AdapterStore(settings.adapter_store))

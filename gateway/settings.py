@@ -6,6 +6,7 @@ are the `[[models]]` tables of the file (see `gateway/gateway.example.toml`).
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -113,6 +114,22 @@ class GatewaySettings(BaseSettings):
     adapter_store_dir: Path | None = None
     admin_key_sha256: Annotated[str | None, Field(pattern=r"^[0-9a-f]{64}$")] = None
     max_adapter_bytes: Annotated[int, Field(ge=1024)] = 1 << 30  # one adapter upload
+
+    # Images (models with accepts_images): data: URLs, and http(s) URLs fetched under a strict policy:
+    # loopback/private/link-local addresses refused unless in image_fetch_allowed_networks (CIDRs).
+    max_images_per_request: Annotated[int, Field(ge=1)] = 8
+    max_image_bytes: Annotated[int, Field(ge=1024)] = 20 << 20
+    max_image_pixels: Annotated[int, Field(ge=1)] = 40_000_000  # before decoding: decompression bombs
+    image_fetch_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    image_fetch_max_redirects: Annotated[int, Field(ge=0)] = 3
+    image_fetch_allowed_networks: list[str] = Field(default_factory=list)
+
+    @field_validator("image_fetch_allowed_networks")
+    @classmethod
+    def _networks(cls, networks: list[str]) -> list[str]:
+        for network in networks:
+            ipaddress.ip_network(network, strict=False)  # ValueError names the bad one
+        return networks
 
     @property
     def adapter_store(self) -> Path:

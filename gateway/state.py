@@ -6,6 +6,7 @@ from aiohttp import web
 
 from gateway.accounting import Accounting
 from gateway.auth import Authenticator
+from gateway.images import ImagePolicy
 from gateway.ledger.databases import LedgerDatabase
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import GatewayMetrics
@@ -19,3 +20,4 @@ METRICS: web.AppKey[GatewayMetrics] = web.AppKey("metrics", GatewayMetrics)
 ACCOUNTING: web.AppKey[Accounting] = web.AppKey("accounting", Accounting)
 LEDGER_DATABASE: web.AppKey[LedgerDatabase | None] = web.AppKey("ledger_database")
 LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle", Lifecycle)
+IMAGE_POLICY: web.AppKey[ImagePolicy] = web.AppKey("image_policy", ImagePolicy)

@@ -42,6 +42,7 @@ class GenerationPlan:
     frequency_penalty: float
     stop_sequences: tuple[str, ...]
     lora: LoraRequest | None = None
+    images: tuple[bytes, ...] = ()  # encoded image files, checked (gateway/images.py)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,8 @@ def ensemble_request(
     if plan.stop_sequences:
         # The engine stops by itself where a stop word tokenizes cleanly; the gateway enforces it on text anyway.
         builder.add_bytes(t.STOP_WORDS, [s.encode("utf-8") for s in plan.stop_sequences])
+    if plan.images:
+        builder.add_bytes(t.IMAGE_BYTES_INPUT, list(plan.images))
     if plan.lora is not None:
         builder.add(t.LORA_TASK_ID, plan.lora.task_id, "UINT64")
         if lora_tensors is not None:

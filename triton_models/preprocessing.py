@@ -1,17 +1,42 @@
-"""Triton Python model `preprocessing`: prompt text → token ids, stop/bad words → id lists, end/pad ids."""
+"""Triton Python model `preprocessing`: prompt text → token ids, stop/bad words → id lists, end/pad ids; and for
+vision-language checkpoints, images → the prompt table (through `multimodal_encoders`)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from tokenizers import Tokenizer
 
+from cpu_engine import ModelConfig
 from triton_models import tensors as t
-from triton_models.triton_io import error_response, pb_utils, scalar, strings, tensor
+from triton_models.image_prompt import expand_placeholders, place_images
+from triton_models.triton_io import error_response, optional_tensor, pb_utils, scalar, strings, tensor
 from triton_models.word_lists import pack_word_lists
+
+# Images → [rows, hidden] features (the multimodal_encoders model, called by BLS).
+ImageEncoder = Callable[[list[bytes]], npt.NDArray[np.float32]]
+
+
+class ImageFacts:
+    """What placing images in a prompt needs: the placeholder, its id, rows per image, the text vocabulary."""
+
+    def __init__(self, checkpoint_dir: Path, tokenizer: Tokenizer) -> None:
+        from cpu_engine.vision import VisionConfig
+
+        vision = VisionConfig.from_checkpoint(checkpoint_dir)
+        self.image_token_id = vision.image_token_id
+        self.tokens_per_image = vision.tokens_per_image
+        self.hidden_size = vision.text_hidden_size
+        self.vocab_size = ModelConfig.from_checkpoint(checkpoint_dir).vocab_size
+        placeholder = tokenizer.id_to_token(self.image_token_id)
+        if placeholder is None:
+            raise ValueError(f"{checkpoint_dir}: the tokenizer has no image token (id {self.image_token_id})")
+        self.placeholder = placeholder
 
 
 class TokenizerFacts:
@@ -27,6 +52,8 @@ class TokenizerFacts:
             raise ValueError(f"{checkpoint_dir}: no eos_token_id in generation_config.json or config.json")
         pad = generation.get("pad_token_id", config.get("pad_token_id"))
         self.pad_id = int(pad) if pad is not None else self.end_ids[0]
+        accepts_images = ModelConfig.from_checkpoint(checkpoint_dir).accepts_images
+        self.images = ImageFacts(checkpoint_dir, self.tokenizer) if accepts_images else None
 
     def encode_prompt(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text).ids)
@@ -40,14 +67,32 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def preprocess(
-    facts: TokenizerFacts, prompt: str, stop: list[str], bad: list[str], end_id: int | None
-) -> dict[str, Any]:
+    facts: TokenizerFacts, prompt: str, stop: list[str], bad: list[str], end_id: int | None,
+    images: list[bytes] = (), encode_images: ImageEncoder | None = None,  # type: ignore[assignment]
+) -> dict[str, Any]:  # fmt: skip
     """The preprocessing outputs for one request (without the batch dimension)."""
     if not prompt:
         raise ValueError(f"input '{t.TEXT_INPUT}' is empty")
+    vision = facts.images
+    if images and vision is None:
+        raise ValueError("this model does not accept images")
+    if vision is not None and images:
+        prompt = place_images(prompt, len(images), vision.placeholder)
     ids = facts.encode_prompt(prompt)
     if not ids:
         raise ValueError(f"input '{t.TEXT_INPUT}' tokenizes to nothing")
+    table: npt.NDArray[np.float32] | None = None
+    if vision is not None:
+        if images:
+            assert encode_images is not None
+            table = encode_images(list(images))
+            if table.shape != (len(images) * vision.tokens_per_image, vision.hidden_size):
+                raise ValueError(f"the image encoder answered a table of {list(table.shape)}")
+            ids = expand_placeholders(ids, vision.image_token_id, vision.tokens_per_image, vision.vocab_size)
+        else:
+            if vision.image_token_id in ids:
+                raise ValueError(f"the prompt has {vision.placeholder} placeholders but the request has no images")
+            table = np.zeros((0, vision.hidden_size), dtype=np.float32)
     primary = facts.end_ids[0] if end_id is None else end_id
     # TensorRT-LLM takes one end id; a checkpoint's other end ids must stop generation too (Llama 3's
     # <|eot_id|> and <|end_of_text|>), so they become single-token stop words.
@@ -58,13 +103,33 @@ def preprocess(
         t.PRE_STOP_WORDS_IDS: pack_word_lists(stop_ids),
         t.PRE_BAD_WORDS_IDS: pack_word_lists(facts.encode_words(bad)),
         t.PRE_OUT_END_ID: np.array([primary], dtype=np.int32),
-    }
+    } | (
+        {}
+        if table is None
+        else {t.PRE_PROMPT_EMBEDDING_TABLE: table, t.PRE_PROMPT_VOCAB_SIZE: np.array([len(table)], dtype=np.int32)}
+    )
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         parameters = json.loads(args["model_config"])["parameters"]
         self.facts = TokenizerFacts(Path(parameters["checkpoint_dir"]["string_value"]))
+        self.encoder_model = parameters.get("multimodal_encoders", {}).get("string_value", "")
+
+    def _encode_images(self, images: list[bytes]) -> npt.NDArray[np.float32]:
+        """The multimodal_encoders model's features for these images (a BLS call inside this request)."""
+        if not self.encoder_model:
+            raise ValueError("this model repository has no multimodal_encoders model")
+        utils = pb_utils()
+        request = utils.InferenceRequest(
+            model_name=self.encoder_model,
+            inputs=[utils.Tensor(t.ENCODER_IMAGE_BYTES, np.array(images, dtype=np.object_))],
+            requested_output_names=[t.ENCODER_OUT_TABLE],
+        )
+        response = request.exec()
+        if response.has_error():
+            raise ValueError(response.error().message())
+        return np.asarray(utils.get_output_tensor_by_name(response, t.ENCODER_OUT_TABLE).as_numpy(), np.float32)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         utils = pb_utils()
@@ -82,6 +147,8 @@ class TritonPythonModel:
                     strings(request, t.PRE_STOP_WORDS_DICT),
                     strings(request, t.PRE_BAD_WORDS_DICT),
                     None if end_id is None else int(end_id),
+                    _image_bytes(request),
+                    self._encode_images,
                 )
                 outputs[t.PRE_OUT_PAD_ID] = np.array([self.facts.pad_id if pad_id is None else pad_id], dtype=np.int32)
                 # Every output gets the batch dimension of one.
@@ -91,3 +158,8 @@ class TritonPythonModel:
             except ValueError as error:
                 responses.append(error_response(str(error)))
         return responses
+
+
+def _image_bytes(request: Any) -> list[bytes]:
+    value = optional_tensor(request, t.PRE_IMAGE_BYTES)
+    return [] if value is None else [bytes(item) for item in value.reshape(-1)]

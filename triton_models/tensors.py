@@ -15,6 +15,7 @@ PREPROCESSING: Final = "preprocessing"
 POSTPROCESSING: Final = "postprocessing"
 TENSORRT_LLM: Final = "tensorrt_llm"  # the GPU generation model (TensorRT-LLM's C++ backend)
 CPU_LLM: Final = "cpu_llm"  # the CPU generation model: the same tensors as tensorrt_llm
+MULTIMODAL_ENCODERS: Final = "multimodal_encoders"  # images → features (vision-language checkpoints)
 ECHO_LLM: Final = "echo_llm"  # no model: streams the prompt back (benchmarks of everything but generation)
 
 # ---- ensemble: what clients send and receive -----------------------------------------------------
@@ -34,6 +35,7 @@ BAD_WORDS: Final = "bad_words"
 END_ID: Final = "end_id"
 PAD_ID: Final = "pad_id"
 RETURN_LOG_PROBS: Final = "return_log_probs"
+IMAGE_BYTES_INPUT: Final = "image_bytes_input"  # the request's images, each one encoded PNG/JPEG/WebP file
 # LoRA, passed through to the generation model unchanged (TensorRT-LLM's names and formats): the task id
 # alone once the server has the adapter cached, with the weights and config the first time.
 LORA_TASK_ID: Final = "lora_task_id"  # uint64
@@ -88,6 +90,13 @@ PRE_STOP_WORDS_IDS: Final = "STOP_WORDS_IDS"
 PRE_BAD_WORDS_IDS: Final = "BAD_WORDS_IDS"
 PRE_OUT_END_ID: Final = "OUT_END_ID"
 PRE_OUT_PAD_ID: Final = "OUT_PAD_ID"
+PRE_IMAGE_BYTES: Final = "IMAGE_BYTES"
+PRE_PROMPT_EMBEDDING_TABLE: Final = "PROMPT_EMBEDDING_TABLE"
+PRE_PROMPT_VOCAB_SIZE: Final = "PROMPT_VOCAB_SIZE"
+
+# ---- multimodal_encoders -------------------------------------------------------------------------
+ENCODER_IMAGE_BYTES: Final = "IMAGE_BYTES"
+ENCODER_OUT_TABLE: Final = "OUT_PROMPT_EMBEDDING_TABLE"  # [images * tokens per image, hidden]
 
 POST_TOKENS_BATCH: Final = "TOKENS_BATCH"
 POST_SEQUENCE_LENGTH: Final = "SEQUENCE_LENGTH"

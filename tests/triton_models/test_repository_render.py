@@ -71,6 +71,8 @@ def test_cpu_llm_has_exactly_the_tensor_interface_of_tensorrt_llm() -> None:
 
 def test_ensemble_speaks_the_names_clients_of_nvidias_ensemble_use() -> None:
     text = (TEMPLATE_DIR / t.ENSEMBLE / "config.pbtxt").read_text()
+    # Without the image path (lines that are one template variable: vision-language checkpoints only).
+    text = "\n".join(line for line in text.splitlines() if not line.strip().startswith("${"))
     config = text_format.Parse(
         text.replace("${triton_max_batch_size}", "64").replace("${generation_model}", t.CPU_LLM),
         model_config_pb2.ModelConfig(),
