@@ -89,6 +89,7 @@ def registry_entry(plan: BuildPlan, model_id: str, endpoint: str) -> str:
         f"context_length = {context}\n"
         f"default_max_tokens = {min(512, context - 1)}\n"
         f'endpoints = ["{endpoint}"]\n'
+        f"accepts_images = {'true' if plan.model.accepts_images else 'false'}\n"
     ) + (lora_entry(plan.target) if plan.lora else "")
 
 

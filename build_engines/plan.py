@@ -79,6 +79,11 @@ def validate_checkpoint(checkpoint: Path, target: Target) -> ModelConfig:
     model = ModelConfig.from_checkpoint(checkpoint)
     if target.is_gpu and model.architecture not in GPU_ARCHITECTURES:
         raise CheckpointError(f"architecture {model.architecture} has no TensorRT-LLM conversion here")
+    if target.is_gpu and model.accepts_images and target.dtype != "float16":
+        raise CheckpointError(
+            f"vision-language checkpoints are served here with a float16 prompt table (the Python models cannot "
+            f"produce {target.dtype}); use a float16 target (e.g. a10g, or one of your own in targets.toml)"
+        )
     if model.max_position_embeddings < target.max_seq_len:
         raise CheckpointError(
             f"the checkpoint's context length ({model.max_position_embeddings}) is shorter than target "

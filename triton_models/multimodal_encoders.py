@@ -17,7 +17,7 @@ import numpy.typing as npt
 from cpu_engine.image_processing import ImageProcessor
 from cpu_engine.vision import VisionEncoder
 from triton_models import tensors as t
-from triton_models.triton_io import error_response, pb_utils, tensor
+from triton_models.triton_io import error_response, output_dtype, pb_utils, tensor
 
 
 def encode_images(processor: ImageProcessor, encoder: VisionEncoder, images: list[bytes]) -> npt.NDArray[np.float32]:
@@ -38,6 +38,7 @@ class TritonPythonModel:
         checkpoint = Path(parameters["checkpoint_dir"]["string_value"])
         self.processor = ImageProcessor.from_checkpoint(checkpoint)
         self.encoder = VisionEncoder.from_checkpoint(checkpoint)
+        self.dtype = output_dtype(args, t.ENCODER_OUT_TABLE)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         utils = pb_utils()
@@ -46,7 +47,8 @@ class TritonPythonModel:
             try:
                 raw = utils.get_input_tensor_by_name(request, t.ENCODER_IMAGE_BYTES).as_numpy().reshape(-1)
                 table = encode_images(self.processor, self.encoder, [bytes(item) for item in raw])
-                responses.append(utils.InferenceResponse(output_tensors=[tensor(t.ENCODER_OUT_TABLE, table)]))
+                output = tensor(t.ENCODER_OUT_TABLE, table.astype(self.dtype, copy=False))
+                responses.append(utils.InferenceResponse(output_tensors=[output]))
             except ValueError as error:
                 responses.append(error_response(str(error)))
         return responses

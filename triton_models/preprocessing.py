@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from cpu_engine import ModelConfig
 from triton_models import tensors as t
 from triton_models.image_prompt import expand_placeholders, place_images
-from triton_models.triton_io import error_response, optional_tensor, pb_utils, scalar, strings, tensor
+from triton_models.triton_io import error_response, optional_tensor, output_dtype, pb_utils, scalar, strings, tensor
 from triton_models.word_lists import pack_word_lists
 
 # Images → [rows, hidden] features (the multimodal_encoders model, called by BLS).
@@ -115,6 +115,7 @@ class TritonPythonModel:
         parameters = json.loads(args["model_config"])["parameters"]
         self.facts = TokenizerFacts(Path(parameters["checkpoint_dir"]["string_value"]))
         self.encoder_model = parameters.get("multimodal_encoders", {}).get("string_value", "")
+        self.table_dtype = output_dtype(args, t.PRE_PROMPT_EMBEDDING_TABLE)
 
     def _encode_images(self, images: list[bytes]) -> npt.NDArray[np.float32]:
         """The multimodal_encoders model's features for these images (a BLS call inside this request)."""
@@ -151,6 +152,10 @@ class TritonPythonModel:
                     self._encode_images,
                 )
                 outputs[t.PRE_OUT_PAD_ID] = np.array([self.facts.pad_id if pad_id is None else pad_id], dtype=np.int32)
+                if t.PRE_PROMPT_EMBEDDING_TABLE in outputs:
+                    outputs[t.PRE_PROMPT_EMBEDDING_TABLE] = outputs[t.PRE_PROMPT_EMBEDDING_TABLE].astype(
+                        self.table_dtype
+                    )
                 # Every output gets the batch dimension of one.
                 responses.append(
                     utils.InferenceResponse(output_tensors=[tensor(k, v[None, ...]) for k, v in outputs.items()])

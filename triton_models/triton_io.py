@@ -62,3 +62,13 @@ def tensor(name: str, array: npt.NDArray[Any]) -> Any:
 def error_response(message: str) -> Any:
     utils = pb_utils()
     return utils.InferenceResponse(output_tensors=[], error=utils.TritonError(message))
+
+
+def output_dtype(args: dict[str, Any], name: str) -> np.dtype[Any]:
+    """The numpy dtype the model's config declares for an output (templates choose it per target)."""
+    import json
+
+    for output in json.loads(args["model_config"])["output"]:
+        if output["name"] == name:
+            return np.dtype(pb_utils().triton_string_to_numpy(output["data_type"]))
+    raise ValueError(f"the model config declares no output {name!r}")

@@ -252,3 +252,41 @@ def test_lora_builds_plan_the_lora_plugin_and_configure_the_lora_cache(tiny_long
     cpu_llm = _configs(cpu.repository)[t.CPU_LLM]
     assert cpu_llm.parameters["lora_max_rank"].string_value == str(CATALOG.get("cpu").lora_max_rank)
     assert cpu_llm.parameters["lora_cache_max_adapters"].string_value == str(CATALOG.get("cpu").lora_cache_max_adapters)
+
+
+@pytest.mark.transformers
+def test_llava_checkpoints_plan_a_vision_engine_and_a_prompt_table(tmp_path: Path) -> None:
+    from tests.llava_checkpoints import TOKENS_PER_IMAGE, write_tiny_llava
+
+    llava = write_tiny_llava(tmp_path / "llava")
+    custom = tmp_path / "targets.toml"
+    small = TARGETS_FILE.read_text().replace("[targets.a10g]", "[targets.a10g-llava]\nmax_images_per_request = 2")
+    custom.write_text(
+        small.replace("max_input_len = 2048\nmax_seq_len = 4096", "max_input_len = 256\nmax_seq_len = 512")
+    )
+    catalog = load_targets(custom)
+    result = build(catalog, llava, "a10g-llava", tmp_path / "repo", dry_run=True, model_id="llava")
+    target = catalog.get("a10g-llava")
+    convert, trtllm_build, visual = (step.command for step in result.plan.steps)
+    assert convert[1].endswith("llama/convert_checkpoint.py")
+    table_rows = trtllm_build[trtllm_build.index("--max_prompt_embedding_table_size") + 1]
+    assert int(table_rows) == target.max_batch_size * 2 * TOKENS_PER_IMAGE
+    assert (
+        visual[1].endswith("multimodal/build_visual_engine.py") and visual[visual.index("--model_type") + 1] == "llava"
+    )
+    configs = _configs(result.repository)
+    assert set(configs) == {t.PREPROCESSING, t.MULTIMODAL_ENCODERS, t.TENSORRT_LLM, t.POSTPROCESSING, t.ENSEMBLE}
+    ensemble = configs[t.ENSEMBLE]
+    assert t.IMAGE_BYTES_INPUT in {i.name for i in ensemble.input}
+    generation_step = next(s for s in ensemble.ensemble_scheduling.step if s.model_name == t.TENSORRT_LLM)
+    assert generation_step.input_map[t.PROMPT_EMBEDDING_TABLE] == "_PROMPT_EMBEDDING_TABLE"
+    table_input = next(i for i in configs[t.TENSORRT_LLM].input if i.name == t.PROMPT_EMBEDDING_TABLE)
+    assert table_input.data_type == model_config_pb2.TYPE_FP16
+    entry = tomllib.loads(result.registry_entry.read_text())["models"][0]
+    assert entry["accepts_images"] is True
+    # bfloat16 targets are refused for vision-language checkpoints, with the reason.
+    bf16 = custom.read_text().replace('dtype = "float16"', 'dtype = "bfloat16"', 1)
+    (tmp_path / "bf16.toml").write_text(bf16)
+    first_fp16 = next(n for n, tg in load_targets(custom).targets.items() if tg.is_gpu and tg.dtype == "float16")
+    with pytest.raises(CheckpointError, match="float16 prompt table"):
+        build(load_targets(tmp_path / "bf16.toml"), llava, first_fp16, tmp_path / "x", dry_run=True, model_id="m")
