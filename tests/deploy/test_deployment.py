@@ -116,7 +116,7 @@ BLOCK_EXTRAS = """
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in {"safetensors", "gguf", "pytriton", "torch", "transformers"}:
+        if name.split(".")[0] in {"safetensors", "gguf", "pytriton", "torch", "transformers", "PIL"}:
             raise ImportError(f"{name} is not in the gateway image")
 sys.meta_path.insert(0, Block())
 """
