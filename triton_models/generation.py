@@ -156,7 +156,7 @@ class _Metrics:
         def gauge(name: str, description: str) -> Any:
             family = utils.MetricFamily(name=name, description=description, kind=utils.MetricFamily.GAUGE)
             self._families.append(family)
-            return family.Metric(labels=labels)
+            return _Gauge(family.Metric(labels=labels))
 
         self.active = gauge("cpu_llm_active_sequences", "Sequences the CPU engine is generating")
         self.queued = gauge("cpu_llm_queued_requests", "Requests waiting for room in the CPU engine")
@@ -174,14 +174,31 @@ class _Metrics:
         self.lora_evictions = counter("cpu_llm_lora_evictions_total", "LoRA adapters evicted from the cache")
 
     def update(self, stats: SchedulerStats) -> None:
-        self.active.set(stats.active_sequences)
-        self.queued.set(stats.queued_requests)
-        self.kv_tokens.set(stats.kv_tokens_in_use)
-        self.lora_cached.set(stats.lora_adapters_cached)
+        # Every metric call is a round trip to the server through shared memory: only changes are sent.
+        for gauge, value in (
+            (self.active, stats.active_sequences),
+            (self.queued, stats.queued_requests),
+            (self.kv_tokens, stats.kv_tokens_in_use),
+            (self.lora_cached, stats.lora_adapters_cached),
+        ):
+            gauge.set_to(value)
         self.generated.advance_to(stats.generated_tokens_total)
         self.lora_loads.advance_to(stats.lora_loads_total)
         self.lora_misses.advance_to(stats.lora_misses_total)
         self.lora_evictions.advance_to(stats.lora_evictions_total)
+
+
+class _Gauge:
+    """A Triton gauge that is told only when its value changes."""
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self.value: float | None = None
+
+    def set_to(self, value: float) -> None:
+        if value != self.value:
+            self.metric.set(value)
+            self.value = value
 
 
 class _Counter:

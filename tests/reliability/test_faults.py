@@ -19,6 +19,7 @@ from build_engines.repository import RepositorySettings, render_repository
 from build_engines.tiny_checkpoints import TokenizerStyle
 from tests.gateway.conftest import MODEL, GatewayThread, gateway_settings, model_entry
 from tests.sse import sse_events
+from tests.triton_client import wait_for_metric
 from triton_models.launcher import EmbeddedTriton
 
 
@@ -131,6 +132,10 @@ def test_a_crashed_model_stub_is_detected_and_reported(
     try:
         with GatewayThread(gateway_settings([entry], health_check_interval_s=0.25)) as running:
             assert asyncio.run(_post(running.url, body))[0] == 200
+            # Killed while idle: a stub killed in the middle of a shared-memory call can take tritonserver down
+            # with it (boost::interprocess::lock_exception, seen under load), which is not what this tests.
+            wait_for_metric(server.metrics_url, "cpu_llm_active_sequences", 0, timeout_s=5)
+            time.sleep(0.2)
             os.kill(_stub_pid(server, "cpu_llm"), signal.SIGKILL)
             time.sleep(0.5)
             first_status, first = asyncio.run(_post(running.url, body))
