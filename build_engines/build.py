@@ -66,6 +66,7 @@ def repository_settings(plan: BuildPlan) -> RepositorySettings:
     return RepositorySettings(
         **lora,  # type: ignore[arg-type]
         prompt_embedding_table_data_type="TYPE_BF16" if target.dtype == "bfloat16" else "TYPE_FP16",
+        visual_engine_dir=str(plan.engine_dir / "vision") if plan.model.accepts_images else "",
         checkpoint_dir=checkpoint,
         generation_model=target.generation_model,
         triton_max_batch_size=target.max_batch_size,

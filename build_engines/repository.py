@@ -54,6 +54,7 @@ class RepositorySettings:
     # Vision-language checkpoints (set by render_repository from the checkpoint): a multimodal_encoders
     # model, and the ensemble passes images through preprocessing to the generation model's prompt table.
     multimodal: bool = False
+    visual_engine_dir: str = ""  # GPU builds: the TensorRT vision engine multimodal_encoders runs
     # image features enter the prompt as a table of this type: float32 on CPU, the engine's dtype on GPUs
     prompt_embedding_table_data_type: str = "TYPE_FP32"
     # tensorrt_llm

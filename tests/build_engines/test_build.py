@@ -284,6 +284,13 @@ def test_llava_checkpoints_plan_a_vision_engine_and_a_prompt_table(tmp_path: Pat
     assert table_input.data_type == model_config_pb2.TYPE_FP16
     entry = tomllib.loads(result.registry_entry.read_text())["models"][0]
     assert entry["accepts_images"] is True
+    # multimodal_encoders runs the vision engine the plan builds; where TensorRT-LLM is missing it says so.
+    engine_dir = configs[t.MULTIMODAL_ENCODERS].parameters["visual_engine_dir"].string_value
+    assert engine_dir == visual[visual.index("--output_dir") + 1]
+    from triton_models.multimodal_encoders import image_encoder
+
+    with pytest.raises(RuntimeError, match="TensorRT-LLM is not importable here"):
+        image_encoder(llava, engine_dir)
     # bfloat16 targets are refused for vision-language checkpoints, with the reason.
     bf16 = custom.read_text().replace('dtype = "float16"', 'dtype = "bfloat16"', 1)
     (tmp_path / "bf16.toml").write_text(bf16)
