@@ -54,8 +54,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def drive(url: str, pid: int, args: argparse.Namespace) -> tuple[float, float]:
-    """(requests/s, gateway CPU ms per request)"""
+async def ledger_cpu_seconds(session: aiohttp.ClientSession, url: str) -> float:
+    """The gateway's own count of the CPU its ledger write path used (gateway_ledger_cpu_seconds_total)."""
+    async with session.get(f"{url}/metrics") as response:
+        text = await response.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("gateway_ledger_cpu_seconds_total"))  # fmt: skip
+
+
+async def drive(url: str, pid: int, args: argparse.Namespace) -> tuple[float, float, float]:
+    """(requests/s, gateway CPU ms per request, of which the ledger's write path)"""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
 
         def one(_: int):  # type: ignore[no-untyped-def]
@@ -63,11 +71,13 @@ async def drive(url: str, pid: int, args: argparse.Namespace) -> tuple[float, fl
 
         await load(4, 4, one)  # warm-up
         per_client = max(1, args.requests // args.concurrency)
-        before = cpu_seconds(pid)
+        before, ledger_before = cpu_seconds(pid), await ledger_cpu_seconds(session, url)
         summary = await load(args.concurrency, per_client, one)
         await asyncio.sleep(1.0)  # the ledger's batch for this run is written (and counted) too
         used = cpu_seconds(pid) - before
-        return summary.requests_per_s, 1000 * used / (per_client * args.concurrency)
+        ledger_used = await ledger_cpu_seconds(session, url) - ledger_before
+        requests = per_client * args.concurrency
+        return summary.requests_per_s, 1000 * used / requests, 1000 * ledger_used / requests
 
 
 def main() -> None:
@@ -88,6 +98,7 @@ def main() -> None:
         setups["ledger on (PostgreSQL)"] = postgres.dsn
     results: dict[str, list[float]] = {name: [] for name in setups}
     cpu: dict[str, list[float]] = {name: [] for name in setups}
+    ledger_cpu: dict[str, list[float]] = {name: [] for name in setups}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             workdir = Path(tmp)
@@ -98,9 +109,10 @@ def main() -> None:
                     for name, ledger in setups.items():
                         gateway, url = start_gateway(workdir, checkpoint, server, ledger)
                         try:
-                            rate, cpu_ms = asyncio.run(drive(url, gateway.pid, args))
+                            rate, cpu_ms, ledger_ms = asyncio.run(drive(url, gateway.pid, args))
                             results[name].append(rate)
                             cpu[name].append(cpu_ms)
+                            ledger_cpu[name].append(ledger_ms)
                         finally:
                             gateway.terminate()
                             gateway.wait(30)
@@ -113,12 +125,19 @@ def main() -> None:
         f"\nThe gateway on echo_llm: {args.concurrency} streams, {args.requests} requests per run, "
         f"{args.max_tokens} tokens each; {args.rounds} interleaved runs per set-up (median)\n"
     )
-    print("| set-up | req/s (median) | runs | vs ledger off | gateway CPU ms/request | vs ledger off |")
-    print("|---|---:|---|---:|---:|---:|")
+    print(
+        "| set-up | req/s (median) | runs | vs ledger off | gateway CPU ms/request | vs ledger off "
+        "| ledger write path CPU ms/request | its share of the gateway's CPU |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for name, values in results.items():
         runs = ", ".join(f"{v:.0f}" for v in values)
         rate, cpu_ms = statistics.median(values), statistics.median(cpu[name])
-        print(f"| {name} | {rate:.1f} | {runs} | {rate / base:.3f}x | {cpu_ms:.3f} | {cpu_ms / base_cpu:.3f}x |")
+        ledger_ms = statistics.median(ledger_cpu[name])
+        print(
+            f"| {name} | {rate:.1f} | {runs} | {rate / base:.3f}x | {cpu_ms:.3f} | {cpu_ms / base_cpu:.3f}x "
+            f"| {ledger_ms:.4f} | {100 * ledger_ms / cpu_ms:.2f}% |"
+        )
 
 
 if __name__ == "__main__":

@@ -56,6 +56,11 @@ class GatewayMetrics:
             "gateway_ledger_write_failures", "Failed usage-ledger batch writes (retried)", registry=r
         )
         self.ledger_dropped = Counter("gateway_ledger_rows_dropped", "Usage rows dropped: queue full", registry=r)
+        self.ledger_cpu_seconds = Counter(
+            "gateway_ledger_cpu_seconds",
+            "CPU time the usage ledger's write path spent in the gateway (queueing, rows, inserts)",
+            registry=r,
+        )
         self.ledger_write_seconds = Histogram(
             "gateway_ledger_write_seconds", "Time to write one batch of usage rows", registry=r
         )

@@ -375,6 +375,11 @@ def test_metrics_count_exactly_the_requests_made(reference_checkpoint: Path, ref
             "in_flight": _metric(running.url, "gateway_requests_in_flight", model),
             "replica": _metric(running.url, "gateway_triton_replica_ready", model),
         }
+        # What the ledger's write path cost the gateway, in CPU seconds (queueing, rows, inserts): it grows with
+        # the rows written (the 6 answered requests and the 404).
+        recorded = _metric(running.url, "gateway_ledger_cpu_seconds_total")
+        _run(_one(running.url, _body("a", stream=False, max_tokens=1)))
+        assert 0 < recorded < _metric(running.url, "gateway_ledger_cpu_seconds_total") < 1.0
     assert bad[0] == 404
     assert values == {
         "ok": 6, "not_found": 1, "ttft": 6, "duration": 6, "queue": 6, "itl": values["itl"],
