@@ -19,6 +19,7 @@ import json
 import re
 import shutil
 import uuid
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,7 +99,7 @@ class AdapterStore:
 
     def register(
         self, custom_id: str, base_model: str, base_checkpoint: Path, support: LoraSupport | None, adapter_dir: Path,
-        reserved_ids: set[str] = frozenset(),  # type: ignore[assignment]
+        reserved_ids: Collection[str] = frozenset(),
     ) -> StoredAdapter:  # fmt: skip
         if not CUSTOM_ID.match(custom_id):
             raise AdapterError(

@@ -4,7 +4,7 @@ vision-language checkpoints, images → the prompt table (through `multimodal_en
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def preprocess(
     facts: TokenizerFacts, prompt: str, stop: list[str], bad: list[str], end_id: int | None,
-    images: list[bytes] = (), encode_images: ImageEncoder | None = None,  # type: ignore[assignment]
+    images: Sequence[bytes] = (), encode_images: ImageEncoder | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The preprocessing outputs for one request (without the batch dimension)."""
     if not prompt:
