@@ -50,7 +50,7 @@ def _build(args: argparse.Namespace) -> Path:
 def _adapter(args: argparse.Namespace) -> str:
     """Register a PEFT LoRA adapter as a custom model on a base model of the gateway's config (by default the
     embedded reference model of `make serve`). A running gateway serves it at once: it shares the store."""
-    from build_engines.adapter_store import AdapterStore, LoraSupport
+    from build_engines.adapter_store import AdapterStore
     from gateway.settings import GatewaySettings
 
     if args.config is not None:
@@ -71,8 +71,7 @@ def _adapter(args: argparse.Namespace) -> str:
     base = models.get(args.base)
     if base is None:
         raise EngineError(f"base model '{args.base}' is not in the gateway's models ({', '.join(models)})")
-    support = None if base.lora is None else LoraSupport(base.lora.max_rank, tuple(base.lora.target_modules))
-    stored = store.register(args.id, base.id, base.tokenizer_dir, support, args.adapter, set(models))
+    stored = store.register(args.id, base.id, base.tokenizer_dir, base.lora_support, args.adapter, set(models))
     return (
         f"registered {stored.id} on {stored.base_model} (rank {stored.rank}, modules {' '.join(stored.target_modules)},"
         f" LoRA task id {stored.task_id}) in {store.root}"

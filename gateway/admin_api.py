@@ -78,7 +78,7 @@ async def register_adapter(request: web.Request) -> web.Response:
                 custom_id,
                 base_id,
                 base.entry.tokenizer_dir,
-                base.lora_support,
+                base.entry.lora_support,
                 upload,
                 set(registry.models),
             )

@@ -8,32 +8,14 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
-from build_engines.adapter_store import AdapterStore, LoraSupport, StoredAdapter
+from build_engines.adapter_store import AdapterStore, StoredAdapter
 from gateway.admission import ModelAdmission
 from gateway.errors import InvalidRequest, ModelNotFound
 from gateway.replicas import EndpointDirectory, ReplicaPool
 from gateway.schema import ModelCard
 from gateway.settings import GatewaySettings, ModelEntry
 from gateway.triton_translation import LoraRequest
-from triton_models.image_prompt import place_images, prompt_tokens_with_images
-
-
-@dataclass(frozen=True)
-class ImageSlots:
-    """How a vision-language model's prompt holds images: the placeholder text, and tokens per image."""
-
-    placeholder: str
-    tokens_per_image: int
-
-    @classmethod
-    def of(cls, entry: ModelEntry, tokenizer: Tokenizer) -> ImageSlots:
-        from cpu_engine.vision import VisionConfig
-
-        vision = VisionConfig.from_checkpoint(entry.tokenizer_dir)
-        placeholder = tokenizer.id_to_token(vision.image_token_id)
-        if placeholder is None:
-            raise ValueError(f"model '{entry.id}': the tokenizer has no image token (id {vision.image_token_id})")
-        return cls(placeholder, vision.tokens_per_image)
+from triton_models.image_prompt import ImageSlots, place_images, prompt_tokens_with_images
 
 
 @dataclass
@@ -73,11 +55,6 @@ class ServedModel:
                 param="model_parameters.max_tokens",
             )
         return requested
-
-    @property
-    def lora_support(self) -> LoraSupport | None:
-        lora = self.entry.lora
-        return None if lora is None else LoraSupport(lora.max_rank, tuple(lora.target_modules))
 
     def card(self, adapter: StoredAdapter | None = None) -> ModelCard:
         e = self.entry
@@ -154,6 +131,6 @@ class ModelRegistry:
                 settings.max_queued,
                 settings.retry_after_s,
             )
-            images = ImageSlots.of(entry, tokenizer) if entry.accepts_images else None
+            images = ImageSlots.from_checkpoint(entry.tokenizer_dir, tokenizer) if entry.accepts_images else None
             served.append(ServedModel(entry, tokenizer, ReplicaPool(entry, directory), admission, images))
         return cls(served, AdapterStore(settings.adapter_store))

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from build_engines.adapter_store import LoraSupport
 from cpu_engine.lora import MODULES
 from triton_models import tensors as t
 
@@ -54,6 +55,12 @@ class ModelEntry(BaseModel):
     max_concurrent: Annotated[int | None, Field(ge=1)] = None
     # Custom models (LoRA adapters) may be registered on this model when set.
     lora: LoraSettings | None = None
+
+    @property
+    def lora_support(self) -> LoraSupport | None:
+        """What the adapter store checks adapters against (None: no custom models on this model)."""
+        lora = self.lora
+        return None if lora is None else LoraSupport(lora.max_rank, tuple(lora.target_modules))
 
     @field_validator("endpoints")
     @classmethod

@@ -7,6 +7,32 @@ becomes that image's rows of the prompt table: TensorRT-LLM's p-tuning ids, voca
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from cpu_engine.vision import VisionConfig
+
+
+@dataclass(frozen=True)
+class ImageSlots:
+    """How a vision-language checkpoint's prompt holds images: its image token (as text and id), how many rows
+    of the prompt table each image becomes, and how wide those rows are."""
+
+    placeholder: str
+    image_token_id: int
+    tokens_per_image: int
+    hidden_size: int
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: Path, tokenizer: Tokenizer) -> ImageSlots:
+        vision = VisionConfig.from_checkpoint(checkpoint_dir)
+        placeholder = tokenizer.id_to_token(vision.image_token_id)
+        if placeholder is None:
+            raise ValueError(f"{checkpoint_dir}: the tokenizer has no image token (id {vision.image_token_id})")
+        return cls(placeholder, vision.image_token_id, vision.tokens_per_image, vision.text_hidden_size)
+
 
 def place_images(prompt: str, images: int, placeholder: str) -> str:
     """The prompt with exactly one placeholder per image; ValueError when the prompt has another count."""

@@ -14,29 +14,12 @@ from tokenizers import Tokenizer
 
 from cpu_engine import ModelConfig
 from triton_models import tensors as t
-from triton_models.image_prompt import expand_placeholders, place_images
+from triton_models.image_prompt import ImageSlots, expand_placeholders, place_images
 from triton_models.triton_io import error_response, optional_tensor, output_dtype, pb_utils, scalar, strings, tensor
 from triton_models.word_lists import pack_word_lists
 
 # Images → [rows, hidden] features (the multimodal_encoders model, called by BLS).
 ImageEncoder = Callable[[list[bytes]], npt.NDArray[np.float32]]
-
-
-class ImageFacts:
-    """What placing images in a prompt needs: the placeholder, its id, rows per image, the text vocabulary."""
-
-    def __init__(self, checkpoint_dir: Path, tokenizer: Tokenizer) -> None:
-        from cpu_engine.vision import VisionConfig
-
-        vision = VisionConfig.from_checkpoint(checkpoint_dir)
-        self.image_token_id = vision.image_token_id
-        self.tokens_per_image = vision.tokens_per_image
-        self.hidden_size = vision.text_hidden_size
-        self.vocab_size = ModelConfig.from_checkpoint(checkpoint_dir).vocab_size
-        placeholder = tokenizer.id_to_token(self.image_token_id)
-        if placeholder is None:
-            raise ValueError(f"{checkpoint_dir}: the tokenizer has no image token (id {self.image_token_id})")
-        self.placeholder = placeholder
 
 
 class TokenizerFacts:
@@ -52,8 +35,9 @@ class TokenizerFacts:
             raise ValueError(f"{checkpoint_dir}: no eos_token_id in generation_config.json or config.json")
         pad = generation.get("pad_token_id", config.get("pad_token_id"))
         self.pad_id = int(pad) if pad is not None else self.end_ids[0]
-        accepts_images = ModelConfig.from_checkpoint(checkpoint_dir).accepts_images
-        self.images = ImageFacts(checkpoint_dir, self.tokenizer) if accepts_images else None
+        model = ModelConfig.from_checkpoint(checkpoint_dir)
+        self.vocab_size = model.vocab_size  # the first prompt-table id
+        self.images = ImageSlots.from_checkpoint(checkpoint_dir, self.tokenizer) if model.accepts_images else None
 
     def encode_prompt(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text).ids)
@@ -88,7 +72,7 @@ def preprocess(
             table = encode_images(list(images))
             if table.shape != (len(images) * vision.tokens_per_image, vision.hidden_size):
                 raise ValueError(f"the image encoder answered a table of {list(table.shape)}")
-            ids = expand_placeholders(ids, vision.image_token_id, vision.tokens_per_image, vision.vocab_size)
+            ids = expand_placeholders(ids, vision.image_token_id, vision.tokens_per_image, facts.vocab_size)
         else:
             if vision.image_token_id in ids:
                 raise ValueError(f"the prompt has {vision.placeholder} placeholders but the request has no images")
