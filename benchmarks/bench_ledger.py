@@ -29,10 +29,13 @@ from benchmarks.gateway_process import start_gateway_process  # noqa: E402
 from build_engines.reference_model import ensure_reference_checkpoint  # noqa: E402
 from build_engines.repository import RepositorySettings, render_repository  # noqa: E402
 from tests.postgres_server import PostgresServer, PostgresUnavailable  # noqa: E402
+from tests.triton_client import metric_value  # noqa: E402
 from triton_models import tensors as t  # noqa: E402
 from triton_models.launcher import EmbeddedTriton  # noqa: E402
 
 MODEL = "echo"
+# The gateway's own count of the CPU its ledger write path used.
+LEDGER_CPU = "gateway_ledger_cpu_seconds_total"
 
 
 def start_gateway(
@@ -54,14 +57,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def ledger_cpu_seconds(session: aiohttp.ClientSession, url: str) -> float:
-    """The gateway's own count of the CPU its ledger write path used (gateway_ledger_cpu_seconds_total)."""
-    async with session.get(f"{url}/metrics") as response:
-        text = await response.text()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("gateway_ledger_cpu_seconds_total"))  # fmt: skip
-
-
 async def drive(url: str, pid: int, args: argparse.Namespace) -> tuple[float, float, float]:
     """(requests/s, gateway CPU ms per request, of which the ledger's write path)"""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -71,11 +66,11 @@ async def drive(url: str, pid: int, args: argparse.Namespace) -> tuple[float, fl
 
         await load(4, 4, one)  # warm-up
         per_client = max(1, args.requests // args.concurrency)
-        before, ledger_before = cpu_seconds(pid), await ledger_cpu_seconds(session, url)
+        before, ledger_before = cpu_seconds(pid), metric_value(f"{url}/metrics", LEDGER_CPU)
         summary = await load(args.concurrency, per_client, one)
         await asyncio.sleep(1.0)  # the ledger's batch for this run is written (and counted) too
         used = cpu_seconds(pid) - before
-        ledger_used = await ledger_cpu_seconds(session, url) - ledger_before
+        ledger_used = metric_value(f"{url}/metrics", LEDGER_CPU) - ledger_before
         requests = per_client * args.concurrency
         return summary.requests_per_s, 1000 * used / requests, 1000 * ledger_used / requests
 
