@@ -129,3 +129,15 @@ def test_linear_gives_the_matrix_product_for_any_number_of_rows() -> None:
     for rows in (1, 2, 3, 16):
         x = rng.standard_normal((rows, 32)).astype(np.float32)
         np.testing.assert_allclose(_linear(x, weight), x @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_vocab_logits_in_chunks_equal_the_whole_product() -> None:
+    from cpu_engine.model import _VOCAB_CHUNK, _vocab_logits
+
+    rng = np.random.default_rng(1)
+    head = rng.standard_normal((2 * _VOCAB_CHUNK + 123, 32)).astype(np.float32)  # a ragged last chunk
+    for rows in (1, 2, 3, 16):
+        hidden = rng.standard_normal((rows, 32)).astype(np.float32)
+        logits = _vocab_logits(hidden, head)
+        assert logits.flags.c_contiguous
+        np.testing.assert_allclose(logits, hidden @ head.T, rtol=1e-4, atol=1e-4)
