@@ -14,9 +14,9 @@ import shutil
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from build_engines.adapter_store import AdapterError, AdapterExists, StoredAdapter
 from gateway.auth import hash_key
@@ -29,10 +29,11 @@ from gateway.errors import (
     PermissionDenied,
 )
 from gateway.headers import ADMIN_KEY_HEADER
+from gateway.schema import CustomModel, CustomModelDeleted, CustomModelList
 from gateway.state import REGISTRY, SETTINGS
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # the multipart file fields
-_TEXT_FIELDS = ("id", "base_model")
+TEXT_FIELDS = ("id", "base_model")
 _MAX_TEXT_FIELD_BYTES = 1024
 
 
@@ -47,14 +48,15 @@ def _check_admin(request: web.Request) -> None:
         raise AuthenticationFailed("the admin key is not valid")
 
 
-def _describe(adapter: StoredAdapter) -> dict[str, Any]:
-    return {"object": "custom_model", **asdict(adapter)}
+def _describe(adapter: StoredAdapter) -> CustomModel:
+    return CustomModel.model_validate(asdict(adapter), strict=False)
 
 
 async def list_adapters(request: web.Request) -> web.Response:
     _check_admin(request)
     custom = request.app[REGISTRY].custom_models()
-    return web.json_response({"object": "list", "data": [_describe(a) for a in custom.values()]})
+    listing = CustomModelList(data=[_describe(a) for a in custom.values()])
+    return web.json_response(listing.model_dump(mode="json"))
 
 
 async def register_adapter(request: web.Request) -> web.Response:
@@ -88,7 +90,7 @@ async def register_adapter(request: web.Request) -> web.Response:
             raise InvalidRequest(str(error), param=error.field) from None
     finally:
         shutil.rmtree(upload, ignore_errors=True)
-    return web.json_response(_describe(stored), status=201)
+    return web.json_response(_describe(stored).model_dump(mode="json"), status=201)
 
 
 async def remove_adapter(request: web.Request) -> web.Response:
@@ -96,25 +98,33 @@ async def remove_adapter(request: web.Request) -> web.Response:
     custom_id = request.match_info["custom_id"]
     if not request.app[REGISTRY].adapters.remove(custom_id):
         raise ModelNotFound(f"custom model '{custom_id}' is not registered", param="custom_id")
-    return web.json_response({"id": custom_id, "object": "custom_model", "deleted": True})
+    return web.json_response(CustomModelDeleted(id=custom_id).model_dump(mode="json"))
 
 
 async def _receive(request: web.Request, directory: Path, max_bytes: int) -> dict[str, str]:
     """The text fields; the adapter files are written into `directory` (at most max_bytes in all)."""
     if not request.content_type.startswith("multipart/"):
         raise InvalidRequest(
-            f"send the adapter as multipart/form-data with fields {list(_TEXT_FIELDS)} and files {list(ADAPTER_FILES)}",
+            f"send the adapter as multipart/form-data with fields {list(TEXT_FIELDS)} and files {list(ADAPTER_FILES)}",
             param="content-type",
         )
     directory.mkdir(parents=True)
+    try:
+        return await _receive_parts(await request.multipart(), directory, max_bytes)
+    except (HttpProcessingError, ValueError, LookupError, RuntimeError) as error:
+        # aiohttp's reader on a malformed body: bad part headers or boundary (HttpProcessingError, ValueError),
+        # an unknown charset (LookupError), an unknown content or transfer encoding (RuntimeError).
+        raise InvalidRequest(f"the multipart body is malformed: {error}", param="multipart") from None
+
+
+async def _receive_parts(reader: MultipartReader, directory: Path, max_bytes: int) -> dict[str, str]:
     fields: dict[str, str] = {}
     received, total = set(), 0
-    reader = await request.multipart()
     while (part := await reader.next()) is not None:
         if not isinstance(part, BodyPartReader):
             raise InvalidRequest("nested multipart bodies are not accepted", param="content-type")
         name = part.name or ""
-        if name in _TEXT_FIELDS:
+        if name in TEXT_FIELDS:
             value = await part.read(decode=True)
             if len(value) > _MAX_TEXT_FIELD_BYTES:
                 raise InvalidRequest(f"the form field '{name}' is too long", param=name)
@@ -129,7 +139,7 @@ async def _receive(request: web.Request, directory: Path, max_bytes: int) -> dic
             received.add(name)
         else:
             raise InvalidRequest(
-                f"unexpected form field {name!r}; expected {list(_TEXT_FIELDS)} and files {list(ADAPTER_FILES)}",
+                f"unexpected form field {name!r}; expected {list(TEXT_FIELDS)} and files {list(ADAPTER_FILES)}",
                 param=name or "multipart",
             )
     missing = [f for f in ADAPTER_FILES if f not in received]

@@ -8,8 +8,17 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from gateway.admin_api import ADAPTER_FILES, TEXT_FIELDS
 from gateway.auth import API_KEY_HEADER
-from gateway.schema import CompletionRequest, CompletionResponse, ModelList
+from gateway.headers import ADMIN_KEY_HEADER
+from gateway.schema import (
+    CompletionRequest,
+    CompletionResponse,
+    CustomModel,
+    CustomModelDeleted,
+    CustomModelList,
+    ModelList,
+)
 
 API_VERSION = "4"
 REF = "#/components/schemas/{model}"
@@ -19,6 +28,7 @@ ERROR_STATUSES = {
     "401": "Missing or wrong API key",
     "403": "The key may not use this account",
     "404": "Unknown model",
+    "409": "The id is already taken",
     "413": "The body is over the size limit",
     "429": "Over a concurrency limit (see Retry-After)",
     "502": "The inference server answered with an error",
@@ -39,9 +49,63 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-def _errors(*statuses: str) -> dict[str, Any]:
+ADMIN_ERROR_STATUSES = {
+    "401": "Missing or wrong admin key",
+    "403": "The admin API is off (no admin key is configured)",
+}
+
+
+def _errors(*statuses: str, descriptions: dict[str, str] = ERROR_STATUSES) -> dict[str, Any]:
     body = {"application/json": {"schema": {"$ref": REF.format(model="ErrorBody")}}}
-    return {status: {"description": ERROR_STATUSES[status], "content": body} for status in statuses}
+    return {status: {"description": descriptions.get(status, ERROR_STATUSES[status]), "content": body}
+            for status in statuses}  # fmt: skip
+
+
+def _admin_errors(*statuses: str) -> dict[str, Any]:
+    return _errors("401", "403", *statuses, descriptions=ADMIN_ERROR_STATUSES)
+
+
+def _admin_paths(admin_key: list[dict[str, list[str]]]) -> dict[str, Any]:
+    """/v4/admin/adapters: custom models (LoRA adapters) registered, listed and removed while serving."""
+    upload = {
+        "type": "object",
+        "required": [*TEXT_FIELDS, *ADAPTER_FILES],
+        "properties": {
+            "id": {"type": "string", "description": "The custom model's id (what requests name as `model`)"},
+            "base_model": {"type": "string", "description": "A served model id the adapter was trained on"},
+            ADAPTER_FILES[0]: {"type": "string", "contentMediaType": "application/json"},
+            ADAPTER_FILES[1]: {"type": "string", "contentMediaType": "application/octet-stream"},
+        },
+    }
+    return {
+        "/v4/admin/adapters": {
+            "get": {
+                "operationId": "listCustomModels",
+                "security": admin_key,
+                "responses": {"200": _json("CustomModelList", "The registered custom models"), **_admin_errors()},
+            },
+            "post": {
+                "operationId": "registerCustomModel",
+                "security": admin_key,
+                "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": upload}}},
+                "responses": {
+                    "201": _json("CustomModel", "Registered: requests may name it from now on"),
+                    **_admin_errors("400", "409", "413"),
+                },
+            },
+        },
+        "/v4/admin/adapters/{custom_id}": {
+            "delete": {
+                "operationId": "removeCustomModel",
+                "security": admin_key,
+                "parameters": [{"name": "custom_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {
+                    "200": _json("CustomModelDeleted", "Removed"),
+                    **_admin_errors("404"),
+                },
+            }
+        },
+    }
 
 
 def _json(model: str, description: str) -> dict[str, Any]:
@@ -54,10 +118,14 @@ def openapi_document() -> dict[str, Any]:
         (CompletionResponse, "serialization"),
         (ModelList, "serialization"),
         (ErrorBody, "serialization"),
+        (CustomModel, "serialization"),
+        (CustomModelList, "serialization"),
+        (CustomModelDeleted, "serialization"),
     ]
     _, definitions = models_json_schema(models, ref_template=REF)
     schemas = definitions.get("$defs", {})
     api_key: list[dict[str, list[str]]] = [{"ApiKey": []}, {}]  # a key when the gateway has keys; none in open mode
+    admin_key: list[dict[str, list[str]]] = [{"AdminKey": []}]
     completion_200 = {
         "description": "The completion (JSON), or with `stream: true` server-sent events of the same shape",
         "content": {
@@ -152,6 +220,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            **_admin_paths(admin_key),
             "/healthz": {"get": {"operationId": "health", "responses": {"200": {"description": "The process is up"}}}},
             "/readyz": {
                 "get": {
@@ -176,6 +245,9 @@ def openapi_document() -> dict[str, Any]:
         },
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER}},
+            "securitySchemes": {
+                "ApiKey": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER},
+                "AdminKey": {"type": "apiKey", "in": "header", "name": ADMIN_KEY_HEADER},
+            },
         },
     }

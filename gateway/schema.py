@@ -97,3 +97,29 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# The admin API (/v4/admin/adapters): custom models as the adapter store keeps them.
+
+
+class CustomModel(BaseModel):
+    id: str
+    object: Literal["custom_model"] = "custom_model"
+    base_model: str
+    task_id: int  # TensorRT-LLM's lora_task_id: a hash of the adapter's tensors
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    source_sha256: str  # of the PEFT files it was made from
+    created_at: str
+
+
+class CustomModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CustomModel]
+
+
+class CustomModelDeleted(BaseModel):
+    id: str
+    object: Literal["custom_model"] = "custom_model"
+    deleted: Literal[True] = True

@@ -324,6 +324,41 @@ def test_bad_adapters_are_refused_with_the_reason_and_leave_nothing_behind(
     assert not any(name.startswith(".") for name in before)
 
 
+_BOUNDARY = "b0undary"
+
+
+def _multipart(part_headers: str) -> bytes:
+    return (f"--{_BOUNDARY}\r\n{part_headers}\r\n\r\nvalue\r\n--{_BOUNDARY}--\r\n").encode()
+
+
+@pytest.mark.parametrize(
+    ("case", "body"),
+    [
+        # What schemathesis found: a control character in a part's header line (was a 500).
+        ("bad part header", _multipart('Content-Disposition: form-data; name="a\x1eb"')),
+        (
+            "unknown transfer encoding",
+            _multipart('Content-Disposition: form-data; name="id"\r\nContent-Transfer-Encoding: rot13'),
+        ),
+        ("broken boundary", f"--{_BOUNDARY}\r\nContent-Disposition: form-data; name=id\r\n\r\nx\r\n--other--".encode()),
+    ],
+)
+def test_malformed_multipart_bodies_are_a_400_naming_the_body(gateway: RunningGateway, case: str, body: bytes) -> None:
+    async def post() -> tuple[int, Any]:
+        headers = {"x-admin-key": ADMIN_KEY, "Content-Type": f"multipart/form-data; boundary={_BOUNDARY}"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{gateway.url}/v4/admin/adapters", data=body, headers=headers) as response,
+        ):
+            return response.status, await response.json()
+
+    before = _store_entries(gateway.settings)
+    status, answer = asyncio.run(post())
+    assert status == 400, answer
+    assert answer["error"]["param"] in {"multipart", "id"}, answer
+    assert _store_entries(gateway.settings) == before
+
+
 def test_the_command_line_refuses_bad_adapters_with_the_reason(config_file: Path, adapters: dict[str, Path]) -> None:
     run = _cli(config_file, "--base", MODEL, "--adapter", str(adapters["rank32"]), "--id", "cli-bad")
     assert run.returncode == 1 and f"maximum LoRA rank of {MAX_RANK}" in run.stderr
