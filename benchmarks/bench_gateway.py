@@ -29,9 +29,9 @@ import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
 import tritonclient.grpc.aio as grpcaio  # noqa: E402
 
-from benchmarks.gateway_process import start_gateway_process  # noqa: E402
 from build_engines.reference_model import ensure_reference_checkpoint  # noqa: E402
 from build_engines.repository import RepositorySettings, render_repository  # noqa: E402
+from tests.gateway_process import model_table, start_logged  # noqa: E402
 from tests.triton_client import infer_input  # noqa: E402
 from triton_models import tensors as t  # noqa: E402
 from triton_models.launcher import EmbeddedTriton  # noqa: E402
@@ -138,9 +138,7 @@ async def load(concurrency: int, per_client: int, one: Callable[[int], Awaitable
 def start_gateway(
     workdir: Path, model_id: str, checkpoint: Path, server: EmbeddedTriton
 ) -> tuple[subprocess.Popen[bytes], str]:
-    model = [f'id = "{model_id}"', f'generation_model = "{model_id}"', f'tokenizer_dir = "{checkpoint}"',
-             "context_length = 8192", f'endpoints = ["{server.grpc_url}"]']  # fmt: skip
-    return start_gateway_process(workdir, [], model)
+    return start_logged(workdir, [model_table(model_id, checkpoint, [server.grpc_url], generation_model=model_id)])
 
 
 async def measure(model_id: str, server: EmbeddedTriton, gateway_url: str, args: argparse.Namespace) -> list[tuple]:

@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 
 from benchmarks.bench_gateway import load, via_gateway  # noqa: E402
-from benchmarks.gateway_process import start_gateway_process  # noqa: E402
 from build_engines.reference_model import ensure_reference_checkpoint  # noqa: E402
 from build_engines.repository import RepositorySettings, render_repository  # noqa: E402
+from tests.gateway_process import TomlValue, model_table, start_logged  # noqa: E402
 from tests.postgres_server import PostgresServer, PostgresUnavailable  # noqa: E402
 from tests.triton_client import metric_value  # noqa: E402
 from triton_models import tensors as t  # noqa: E402
@@ -41,14 +41,13 @@ LEDGER_CPU = "gateway_ledger_cpu_seconds_total"
 def start_gateway(
     workdir: Path, checkpoint: Path, server: EmbeddedTriton, ledger: str
 ) -> tuple[subprocess.Popen[bytes], str]:
-    settings = ['log_format = "json"']
+    settings: dict[str, TomlValue] = {"log_format": "json"}
     if ledger == "off":
-        settings.append("ledger_enabled = false")
+        settings["ledger_enabled"] = False
     elif ledger.startswith("postgresql://"):
-        settings.append(f'ledger_dsn = "{ledger}"')
-    model = [f'id = "{MODEL}"', f'generation_model = "{t.ECHO_LLM}"', f'tokenizer_dir = "{checkpoint}"',
-             "context_length = 8192", f'endpoints = ["{server.grpc_url}"]']  # fmt: skip
-    return start_gateway_process(workdir, settings, model)
+        settings["ledger_dsn"] = ledger
+    model = model_table(MODEL, checkpoint, [server.grpc_url], generation_model=t.ECHO_LLM)
+    return start_logged(workdir, [model], **settings)
 
 
 def cpu_seconds(pid: int) -> float:

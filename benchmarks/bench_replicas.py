@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 
 from benchmarks.bench_gateway import Summary, load, via_gateway  # noqa: E402
-from benchmarks.gateway_process import start_gateway_process  # noqa: E402
 from build_engines.reference_model import REFERENCE_MODEL_ID, ensure_reference_checkpoint  # noqa: E402
 from build_engines.repository import RepositorySettings, render_repository  # noqa: E402
+from tests.gateway_process import model_table, start_logged  # noqa: E402
 from triton_models.launcher import EmbeddedTriton  # noqa: E402
 
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
@@ -41,10 +41,7 @@ ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 def start_gateway(
     workdir: Path, checkpoint: Path, servers: list[EmbeddedTriton]
 ) -> tuple[subprocess.Popen[bytes], str]:
-    endpoints = ", ".join(f'"{s.grpc_url}"' for s in servers)
-    model = [f'id = "{REFERENCE_MODEL_ID}"', f'tokenizer_dir = "{checkpoint}"', "context_length = 8192",
-             f"endpoints = [{endpoints}]"]  # fmt: skip
-    return start_gateway_process(workdir, [], model)
+    return start_logged(workdir, [model_table(REFERENCE_MODEL_ID, checkpoint, [s.grpc_url for s in servers])])
 
 
 async def drive(url: str, args: argparse.Namespace) -> list[Summary]:

@@ -8,29 +8,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import scale_gp
 
 from build_engines.reference_model import REFERENCE_MODEL_ID
+from tests.gateway_process import ROOT, model_table, serve, wait_ready, write_config
 from triton_models.launcher import EmbeddedTriton, free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the gateway process exited"
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"{url} was not ready within {timeout_s} s")
 
 
 def _ask(url: str) -> str:
@@ -50,17 +34,11 @@ def test_serve_with_a_config_file_against_an_external_triton(
 ) -> None:
     """The production path: a config file, JSON logs, and the usage ledger flushed on SIGTERM."""
     port = free_port()
-    config = tmp_path / "gateway.toml"
-    config.write_text(
-        f'host = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp_path / "data"}"\n[[models]]\n'
-        f'id = "{REFERENCE_MODEL_ID}"\ntokenizer_dir = "{reference_checkpoint}"\ncontext_length = 8192\n'
-        f'endpoints = ["{reference_triton.grpc_url}"]\n'
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config)], cwd=ROOT, stderr=subprocess.PIPE
-    )
+    model = model_table(REFERENCE_MODEL_ID, reference_checkpoint, [reference_triton.grpc_url])
+    config = write_config(tmp_path / "gateway.toml", port, tmp_path / "data", [model])
+    process = serve(config, stderr=subprocess.PIPE)
     try:
-        _wait_ready(f"http://127.0.0.1:{port}", process, 30)
+        wait_ready(f"http://127.0.0.1:{port}", process, 30)
         assert "Paris" in _ask(f"http://127.0.0.1:{port}")
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
@@ -100,7 +78,7 @@ def test_embedded_mode_serves_the_reference_model_and_ctrl_c_stops_everything(tm
         stderr=subprocess.STDOUT,
     )
     try:
-        _wait_ready(f"http://127.0.0.1:{port}", process, 180)
+        wait_ready(f"http://127.0.0.1:{port}", process, 180)
         assert "Paris" in _ask(f"http://127.0.0.1:{port}")
         process.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends
         output, _ = process.communicate(timeout=60)

@@ -162,22 +162,15 @@ def test_sigterm_drains_in_flight_streams_and_records_their_usage(
     reference_triton: EmbeddedTriton, reference_checkpoint: Path, tmp_path: Path, report: dict[str, Any]
 ) -> None:
     import sqlite3
-    import sys
 
-    from tests.gateway.test_processes import ROOT, _wait_ready
+    from tests.gateway_process import model_table, serve, wait_ready, write_config
     from triton_models.launcher import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    config = tmp_path / "gateway.toml"
-    config.write_text(
-        f'host = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp_path / "data"}"\ndrain_timeout_s = 60\n'
-        f'[[models]]\nid = "{MODEL}"\ntokenizer_dir = "{reference_checkpoint}"\n'
-        f'context_length = 8192\nendpoints = ["{reference_triton.grpc_url}"]\n'
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config)], cwd=ROOT, stderr=subprocess.DEVNULL
-    )
+    model = model_table(MODEL, reference_checkpoint, [reference_triton.grpc_url])
+    config = write_config(tmp_path / "gateway.toml", port, tmp_path / "data", [model], drain_timeout_s=60)
+    process = serve(config, stderr=subprocess.DEVNULL)
     body = {"model": MODEL, "prompt": "Once upon a time", "model_parameters": {"max_tokens": 48, "temperature": 0}}
 
     async def scenario() -> tuple[list[dict], tuple[int, Any], int]:
@@ -192,7 +185,7 @@ def test_sigterm_drains_in_flight_streams_and_records_their_usage(
             return list(await asyncio.gather(*streams)), refused, ready_status
 
     try:
-        _wait_ready(url, process, 30)
+        wait_ready(url, process, 30)
         results, refused, ready_status = asyncio.run(scenario())
         exit_code = process.wait(timeout=60)
     finally:

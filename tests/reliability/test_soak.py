@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import random
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ import aiohttp
 import pytest
 
 from tests.gateway.conftest import MODEL
-from tests.gateway.test_processes import ROOT, _wait_ready
+from tests.gateway_process import model_table, serve, wait_ready, write_config
 from tests.prompts import VARIED_PROMPTS
 from tests.sse import sse_events
 from triton_models.launcher import EmbeddedTriton, free_port
@@ -93,14 +92,10 @@ def test_soak(
     seconds = float(request.config.getoption("--soak-seconds"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    config = tmp_path / "gateway.toml"
-    config.write_text(
-        f'host = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp_path / "data"}"\n[[models]]\nid = "{MODEL}"\n'
-        f'tokenizer_dir = "{reference_checkpoint}"\ncontext_length = 8192\n'
-        f'endpoints = ["{reference_triton.grpc_url}"]\n'
+    model = model_table(MODEL, reference_checkpoint, [reference_triton.grpc_url])
+    gateway = serve(
+        write_config(tmp_path / "gateway.toml", port, tmp_path / "data", [model]), stderr=subprocess.DEVNULL
     )
-    gateway = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)], cwd=ROOT,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
     assert reference_triton.process is not None
     triton_pids = _process_group(reference_triton.process.pid)
     tally = Tally()
@@ -134,7 +129,7 @@ def test_soak(
 
     baseline: dict[str, float] = {}
     try:
-        _wait_ready(url, gateway, 30)
+        wait_ready(url, gateway, 30)
         asyncio.run(soak())
         end = {"gateway": _rss_mib([gateway.pid]), "triton": _rss_mib(triton_pids)}
     finally:
