@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from tritonclient.grpc.service_pb2 import ModelInferRequest
 
 from gateway.errors import AdapterNotCached, InferenceFailed, InvalidRequest, ModelUnhealthy, ReplicaFailure
-from gateway.images import Image
+from gateway.images import Image, ImagePolicy, load_images
 from gateway.registry import ResolvedModel, ServedModel
 from gateway.schema import CompletionRequest, FinishReason, TokenUsage
 from gateway.stop_sequences import StopSequenceMatcher
@@ -43,18 +43,20 @@ class Finished:
 Event = TextDelta | Finished
 
 
-def check_images_accepted(resolved: ResolvedModel, request: CompletionRequest) -> None:
+async def plan_completion(
+    resolved: ResolvedModel, request: CompletionRequest, image_policy: ImagePolicy
+) -> GenerationPlan:
+    """The generation plan, after fetching and checking the request's images; a model that does not accept
+    images refuses them before any is fetched."""
     model = resolved.base
     if request.images and not model.entry.accepts_images:
         raise InvalidRequest(f"model '{model.entry.id}' does not accept images", param="images")
+    images = await load_images([i.image_url for i in request.images], image_policy) if request.images else ()
+    return _plan(resolved, request, images)
 
 
-def plan_completion(
-    resolved: ResolvedModel, request: CompletionRequest, images: Sequence[Image] = ()
-) -> GenerationPlan:
-    """The generation plan; `images` are the request's images, already loaded and checked."""
+def _plan(resolved: ResolvedModel, request: CompletionRequest, images: Sequence[Image]) -> GenerationPlan:
     model = resolved.base
-    check_images_accepted(resolved, request)
     parameters = request.model_parameters
     prompt_tokens = model.count_prompt_tokens(request.prompt, len(images))
     if prompt_tokens == 0:  # e.g. only control characters the tokenizer drops: nothing to continue from

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from gateway.accounting import CLIENT_CLOSED, RequestTrace
 from gateway.auth import resolve_account
-from gateway.completions import Event, Finished, TextDelta, check_images_accepted, plan_completion, run_completion
+from gateway.completions import Event, Finished, TextDelta, plan_completion, run_completion
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidRequest, PayloadTooLarge
 from gateway.headers import (
     COMPLETION_TOKENS_HEADER,
@@ -25,7 +25,6 @@ from gateway.headers import (
     REQUEST_TIMEOUT_HEADER,
     TTFT_HEADER,
 )
-from gateway.images import load_images
 from gateway.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from gateway.openapi import openapi_document
 from gateway.schema import Completion, CompletionRequest, CompletionResponse, ModelList
@@ -106,9 +105,7 @@ async def _create_completion(request: web.Request) -> web.StreamResponse:
 async def _complete(request: web.Request, body: CompletionRequest, trace: RequestTrace) -> web.StreamResponse:
     resolved = request.app[REGISTRY].resolve(body.model)
     model = resolved.base  # a custom model runs on its base model's replicas and admission
-    check_images_accepted(resolved, body)
-    images = await load_images([i.image_url for i in body.images or ()], request.app[IMAGE_POLICY])
-    plan = plan_completion(resolved, body, images)
+    plan = await plan_completion(resolved, body, request.app[IMAGE_POLICY])
     trace.prompt_tokens = plan.prompt_tokens
     settings = request.app[SETTINGS]
     metrics = request.app[METRICS]

@@ -11,7 +11,10 @@ import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from PIL import Image as PilImage
@@ -19,7 +22,8 @@ from PIL import Image as PilImage
 from gateway.errors import InvalidRequest
 from gateway.image_formats import sniff
 from gateway.images import ImagePolicy, ImageRefused, load_image, load_images
-from triton_models.launcher import free_port
+from tests.gateway.conftest import MODEL, GatewayThread, gateway_settings, model_entry
+from triton_models.launcher import EmbeddedTriton, free_port
 
 LOOPBACK_ONLY = ImagePolicy.from_strings(["127.0.0.1/32"], max_bytes=1 << 20, max_pixels=4_000_000, timeout_s=1.0)
 
@@ -45,6 +49,7 @@ def _png_bomb(width: int, height: int) -> bytes:
 @dataclass
 class ImageServer:
     port: int
+    fetched: list[str]  # the paths requested so far
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{path}"
@@ -54,6 +59,13 @@ class ImageServer:
 def server() -> Iterator[ImageServer]:
     port = free_port()
     png, big = _encoded("PNG"), _encoded("PNG", (2000, 1500))
+
+    fetched: list[str] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        fetched.append(request.path)
+        return await handler(request)  # type: ignore[no-any-return]
 
     async def image(request: web.Request) -> web.Response:
         return web.Response(body=png, content_type="image/png")
@@ -80,7 +92,7 @@ def server() -> Iterator[ImageServer]:
     async def redirect(request: web.Request) -> web.Response:
         raise web.HTTPFound(request.query["to"])
 
-    app = web.Application()
+    app = web.Application(middlewares=[record])
     for path, handler in (("/image.png", image), ("/large", large), ("/slow", slow), ("/html", html),
                           ("/lying", lying), ("/bomb", bomb), ("/redirect", redirect)):  # fmt: skip
         app.router.add_get(path, handler)
@@ -91,7 +103,7 @@ def server() -> Iterator[ImageServer]:
     loop.run_until_complete(web.TCPSite(runner, "0.0.0.0", port).start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    yield ImageServer(port)
+    yield ImageServer(port, fetched)
     asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
@@ -184,3 +196,22 @@ def test_the_number_of_images_is_bounded_and_refusals_name_the_image(server: Ima
     with pytest.raises(ImageRefused) as second:
         asyncio.run(load_images([png, "data:image/png;base64,AAAA"], ImagePolicy()))
     assert second.value.param == "images[1].image_url" and second.value.message.startswith("images[1]: ")
+
+
+def test_a_model_without_images_refuses_them_before_fetching_any(
+    server: ImageServer, reference_triton: EmbeddedTriton, reference_checkpoint: Path
+) -> None:
+    entry = model_entry(reference_checkpoint, reference_triton.grpc_url)  # SmolLM2: text only
+    settings = gateway_settings([entry], image_fetch_allowed_networks=["127.0.0.1/32"])  # the URL would be fetched
+    body = {"model": MODEL, "prompt": "Describe", "images": [{"image_url": server.url("/image.png")}]}
+
+    async def post(url: str) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as session, session.post(f"{url}/v4/completions", json=body) as response:
+            return response.status, await response.json()
+
+    fetched_before = len(server.fetched)
+    with GatewayThread(settings) as running:
+        status, answer = asyncio.run(post(running.url))
+    assert status == 400 and answer["error"]["param"] == "images", answer
+    assert "does not accept images" in answer["error"]["message"]
+    assert len(server.fetched) == fetched_before  # the image was never requested
