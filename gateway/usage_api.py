@@ -21,19 +21,22 @@ FLUSH_TIMEOUT_S = 5.0  # the totals include every request answered before the qu
 def _time(value: str | None, param: str, default: float) -> float:
     if value is None or value == "":
         return default
+    bad = InvalidRequest(f"{param} must be an ISO 8601 date or time, or Unix seconds; got {value!r}", param=param)
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        pass
+        try:
+            parsed = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            raise bad from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=datetime.UTC)
+        seconds = parsed.timestamp()
     try:
-        parsed = datetime.datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidRequest(
-            f"{param} must be an ISO 8601 date or time, or Unix seconds; got {value!r}", param=param
-        ) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=datetime.UTC)
-    return parsed.timestamp()
+        _iso(seconds)  # NaN, infinities and seconds past the calendar's years are not a time
+    except (ValueError, OverflowError, OSError):
+        raise InvalidRequest(f"{param} is not a representable time; got {value!r}", param=param) from None
+    return seconds
 
 
 def _iso(seconds: float) -> str:
