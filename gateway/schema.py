@@ -103,6 +103,11 @@ class ModelList(BaseModel):
 
 
 class CustomModel(BaseModel):
+    """The adapter store's StoredAdapter as the admin API shows it. Its fields are StoredAdapter's: a field the
+    store gains and this model lacks is an error (every admin answer fails), never silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
     id: str
     object: Literal["custom_model"] = "custom_model"
     base_model: str

@@ -21,14 +21,15 @@ FLUSH_TIMEOUT_S = 5.0  # the totals include every request answered before the qu
 def _time(value: str | None, param: str, default: float) -> float:
     if value is None or value == "":
         return default
-    bad = InvalidRequest(f"{param} must be an ISO 8601 date or time, or Unix seconds; got {value!r}", param=param)
     try:
         seconds = float(value)
     except ValueError:
         try:
             parsed = datetime.datetime.fromisoformat(value)
         except ValueError:
-            raise bad from None
+            raise InvalidRequest(
+                f"{param} must be an ISO 8601 date or time, or Unix seconds; got {value!r}", param=param
+            ) from None
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=datetime.UTC)
         seconds = parsed.timestamp()
