@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -165,12 +166,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=32, help="requests per way and concurrency level")
+    parser.add_argument(
+        "--models", nargs="+", choices=[t.ECHO_LLM, t.CPU_LLM], default=[t.ECHO_LLM, t.CPU_LLM],
+        help="generation models to drive (default: both)",
+    )  # fmt: skip
+    parser.add_argument("--checkpoint", type=Path, default=None, help="default: the SmolLM2 reference checkpoint")
     args = parser.parse_args()
-    checkpoint = ensure_reference_checkpoint()
+    checkpoint = args.checkpoint or ensure_reference_checkpoint()
     rows: list[tuple] = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        for model_id in (t.ECHO_LLM, t.CPU_LLM):
+        for model_id in args.models:
             settings = RepositorySettings(checkpoint_dir=str(checkpoint), generation_model=model_id)
             repository = render_repository(settings, workdir / f"repo-{model_id}")
             with EmbeddedTriton(repository, log_path=workdir / f"{model_id}.log") as server:
@@ -181,8 +187,8 @@ def main() -> None:
                     gateway.terminate()
                     gateway.wait(30)
     print(
-        f"\n{args.max_tokens} tokens per request, greedy, {args.requests} requests per cell; generation model:"
-        " echo_llm (no model) or cpu_llm (SmolLM2-135M)\n"
+        f"\n{args.max_tokens} tokens per request, greedy, {args.requests} requests per cell,"
+        f" {len(os.sched_getaffinity(0))} CPUs; generation model: echo_llm (no model) or cpu_llm (SmolLM2-135M)\n"
     )
     print(
         "| model | streams | way | req/s | tokens/s | vs gRPC | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |"
@@ -195,7 +201,7 @@ def main() -> None:
             f"| {model_id} | {concurrency} | {way} | {s.requests_per_s:.1f} | {s.tokens_per_s:.0f} | {ratio:.2f}x | "
             f"{s.ttft_p50_ms:.1f} | {s.ttft_p99_ms:.1f} | {s.itl_p50_ms:.2f} | {s.itl_p99_ms:.2f} |"
         )
-    for model_id in (t.ECHO_LLM, t.CPU_LLM):
+    for model_id in args.models:
         for concurrency in (1, 8, 32):
             cell = {r[2]: r[3] for r in rows if r[0] == model_id and r[1] == concurrency}
             added = cell["gateway (SSE)"].ttft_p50_ms - cell["tritonclient gRPC"].ttft_p50_ms
