@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.bench_engine import blas_description  # noqa: E402
+from benchmarks.bench_engine import blas_description, use_best_blas_kernel  # noqa: E402
 from build_engines.reference_model import ensure_reference_checkpoint  # noqa: E402
 from cpu_engine.model import LlamaModel, _linear, _vocab_logits  # noqa: E402
 
@@ -43,6 +43,7 @@ def step_seconds(model: LlamaModel, rows: int, whole_head: bool, rng: np.random.
 
 
 def main() -> None:
+    use_best_blas_kernel()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=8, help="timed runs per cell (medians; two more to warm up)")
     args = parser.parse_args()

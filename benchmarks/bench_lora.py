@@ -22,6 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_engine import use_best_blas_kernel  # noqa: E402
 from tests.prompts import VARIED_PROMPTS  # noqa: E402
 
 
@@ -44,6 +45,7 @@ def random_adapter(config: object, rank: int, seed: int) -> object:
 
 
 def main() -> None:
+    use_best_blas_kernel()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16, help="sequences generated together")
     parser.add_argument("--new-tokens", type=int, default=32)

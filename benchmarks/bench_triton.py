@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_engine import blas_description  # noqa: E402
+from benchmarks.bench_engine import blas_description, use_best_blas_kernel  # noqa: E402
 from build_engines.reference_model import ensure_reference_checkpoint  # noqa: E402
 from build_engines.repository import RepositorySettings, render_repository  # noqa: E402
 from cpu_engine import Engine, EngineLimits, GenerationRequest, SamplingParams  # noqa: E402
@@ -83,6 +83,7 @@ def in_process(engine: Engine, tokenizer_path: Path, streams: int, new_tokens: i
 
 
 def main() -> None:
+    use_best_blas_kernel()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cpu_engine import Engine, EngineLimits, GenerationRequest, SamplingParams
+from cpu_engine.blas import generic_kernel_warning
 from cpu_engine.lora import MODULES
 from triton_models import tensors as t
 from triton_models.lora_cache import LoraCache, LoraInput
@@ -221,6 +222,9 @@ class TritonPythonModel:
         limits = EngineLimits(**{name: int(parameters[name]) for name in _LIMIT_PARAMETERS if name in parameters})
         self.exclude_input_default = parameters.get("exclude_input_in_output", "true").lower() == "true"
         engine = Engine.from_checkpoint(Path(parameters["checkpoint_dir"]), limits)
+        warning = generic_kernel_warning()
+        if warning is not None:
+            pb_utils().Logger.log_warn(f"{args['model_name']}: {warning}")
         self.metrics = _Metrics(args["model_name"])
         self.scheduler = Scheduler(engine, lora_cache_from(parameters, engine), on_step=self.metrics.update)
         self.scheduler.start()

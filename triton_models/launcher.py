@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from cpu_engine.blas import blas_environment
+
 LOOPBACK = "127.0.0.1"
 PYTRITON_PIN = "nvidia-pytriton==0.7.0"
 _PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
@@ -198,7 +200,8 @@ class EmbeddedTriton:
 
     @staticmethod
     def _environment() -> dict[str, str]:
-        env = dict(os.environ)
+        # A CPU that OpenBLAS does not recognise (a VM hiding its model) gets a kernel named for it.
+        env = blas_environment(os.environ)
         # The stub finds its environment from the first python3 on PATH (and that folder's pyvenv.cfg),
         # and must map the same libpython as this interpreter.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
