@@ -37,14 +37,14 @@ _KERNELS_BY_FLAGS: tuple[tuple[str, frozenset[str]], ...] = (
 )
 
 
-def better_coretype(current_core: str | None, cpu_flags: frozenset[str]) -> str | None:
+def better_coretype(current_core: str | None, flags: frozenset[str]) -> str | None:
     """The kernel to name in OPENBLAS_CORETYPE, or None to keep OpenBLAS's own choice.
 
     Only a generic fallback kernel is replaced: where OpenBLAS recognised the CPU its choice stands."""
     if current_core is None or current_core.lower() not in _GENERIC_CORES:
         return None
     for kernel, needed in _KERNELS_BY_FLAGS:
-        if needed <= cpu_flags:
+        if needed <= flags:
             return kernel
     return None
 
@@ -100,7 +100,7 @@ def generic_kernel_warning() -> str | None:
         return None
     return (
         f"numpy's OpenBLAS runs its generic {current} kernel on a CPU that supports {kernel}'s "
-        f"(typical of virtual machines that hide the CPU model); generation is 2-3x slower than it could be: "
+        f"(typical of virtual machines that hide the CPU model); generation can be several times slower: "
         f"start the server with {CORETYPE_VARIABLE}={kernel}"
     )
 
