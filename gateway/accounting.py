@@ -15,6 +15,8 @@ from gateway.metrics import GatewayMetrics
 access_log = logging.getLogger("gateway.access")
 
 CLIENT_CLOSED = 499  # the client went away before the answer was complete (nginx's convention)
+# The metrics' model label for a request that named no served model: labels stay bounded by what is served.
+UNKNOWN_MODEL = "unknown"
 
 
 @dataclass
@@ -34,6 +36,7 @@ class RequestTrace:
     first_text_at: float | None = None
     last_text_at: float | None = None
     error: str | None = None
+    metric_model: str = UNKNOWN_MODEL  # the served (or custom) model id once resolved; `model` is what was asked
     _itl: list[float] = field(default_factory=list)
 
     def text_arrived(self) -> None:
@@ -57,16 +60,16 @@ class Accounting:
     def finish(self, trace: RequestTrace) -> None:
         duration = time.perf_counter() - trace.arrived
         ttft = trace.time_to_first_token_s
-        m, model = self.metrics, trace.model
-        m.requests.labels(model, str(trace.status), trace.finish_reason or "none").inc()
-        m.request_duration.labels(model).observe(duration)
+        m, label, model = self.metrics, trace.metric_model, trace.model
+        m.requests.labels(label, str(trace.status), trace.finish_reason or "none").inc()
+        m.request_duration.labels(label).observe(duration)
         if ttft is not None:
-            m.time_to_first_token.labels(model).observe(ttft)
-        itl = m.inter_token_latency.labels(model)
+            m.time_to_first_token.labels(label).observe(ttft)
+        itl = m.inter_token_latency.labels(label)
         for gap in trace._itl:
             itl.observe(gap)
-        m.prompt_tokens.labels(model).inc(trace.prompt_tokens)
-        m.completion_tokens.labels(model).inc(trace.completion_tokens)
+        m.prompt_tokens.labels(label).inc(trace.prompt_tokens)
+        m.completion_tokens.labels(label).inc(trace.completion_tokens)
         ttft_ms = None if ttft is None else round(ttft * 1000, 3)
         if self.ledger is not None:
             self.ledger.record(

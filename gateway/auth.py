@@ -21,7 +21,21 @@ ACCOUNT_HEADER = "x-selected-account-id"
 
 
 def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    return _key_digest(key).hex()
+
+
+def _key_digest(key: str) -> bytes:
+    # A header that was not UTF-8 reaches us with surrogates in place of its bytes: it hashes (and fails to
+    # match) like any other wrong key instead of failing to encode.
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -56,7 +70,7 @@ class Authenticator:
         presented = request.headers.get(API_KEY_HEADER)
         if not presented:
             raise AuthenticationFailed(f"missing API key: send it in the {API_KEY_HEADER} header")
-        digest = hashlib.sha256(presented.encode()).digest()
+        digest = _key_digest(presented)
         found: ApiKey | None = None
         for stored, key in self._keys:  # no early exit: the time taken does not depend on which key matched
             if hmac.compare_digest(stored, digest):
@@ -69,6 +83,9 @@ class Authenticator:
 def resolve_account(request: web.Request, body_account: str | None, require_account: bool) -> str | None:
     """The account of a request, from the body's `account_id` or the `x-selected-account-id` header."""
     header = request.headers.get(ACCOUNT_HEADER) or None
+    body_account = body_account or None  # an empty account is no account, in the body as in the header
+    if header is not None and not _is_text(header):
+        raise InvalidRequest(f"the {ACCOUNT_HEADER} header is not valid UTF-8 text", param=ACCOUNT_HEADER)
     if header is not None and body_account is not None and header != body_account:
         raise InvalidRequest(
             f"account_id in the body ('{body_account}') and the {ACCOUNT_HEADER} header ('{header}') differ",

@@ -160,10 +160,14 @@ class _PinnedResolver(AbstractResolver):
 
 
 async def _vet(index: int, url: str, policy: ImagePolicy, resolver: _PinnedResolver) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError as error:  # e.g. an unclosed IPv6 bracket
+        raise ImageRefused(index, f"cannot fetch {url[:200]!r}: {error}") from None
+    if parts.scheme not in ("http", "https") or not hostname:
         raise ImageRefused(index, f"cannot fetch {url[:200]!r}: only http(s) URLs with a host")
-    host = parts.hostname
+    host = hostname
     try:
         literal: IpAddress | None = ipaddress.ip_address(host)
     except ValueError:
@@ -175,7 +179,7 @@ async def _vet(index: int, url: str, policy: ImagePolicy, resolver: _PinnedResol
         return  # aiohttp connects to literals directly
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror:
+    except (socket.gaierror, UnicodeError):  # UnicodeError: a name IDNA cannot encode (e.g. a label over 63)
         raise ImageRefused(index, f"the host {host!r} does not resolve") from None
     results: list[ResolveResult] = []
     for family, _, proto, _, sockaddr in infos:

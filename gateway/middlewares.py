@@ -28,7 +28,9 @@ def error_response(error: GatewayError, request_id: str) -> web.Response:
 @web.middleware
 async def request_id_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
+    # Echoed back only if it is printable ASCII: anything else would not come back as the same bytes.
+    usable = 0 < len(incoming) <= 128 and incoming.isascii() and incoming.isprintable()
+    request_id = incoming if usable else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
     try:
         response = await handler(request)

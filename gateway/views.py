@@ -60,10 +60,40 @@ async def _read_request(request: web.Request) -> CompletionRequest:
         raise InvalidRequest(f"the body is not acceptable JSON: {error}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
+    where = _unencodable_text(body, "")
+    if where is not None:
+        raise InvalidRequest(f"{where}: a string holds an unpaired UTF-16 surrogate escape", param=where)
     try:
         return CompletionRequest.model_validate(body)
     except ValidationError as error:
         raise _validation_error(error) from error
+
+
+def _unencodable_text(value: object, path: str) -> str | None:
+    """The path of the first string (key or value) that is not valid Unicode text, e.g. "\\ud800" in the JSON:
+    JSON allows such escapes, but no tokenizer, database or UTF-8 encoder takes them."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if _unencodable_text(key, where) is not None:
+                return where
+            found = _unencodable_text(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _unencodable_text(item, f"{path}.{index}")
+            if found is not None:
+                return found
+    return None
 
 
 def _sse(payload: str, event: str | None = None) -> bytes:
@@ -105,8 +135,8 @@ async def _create_completion(request: web.Request) -> web.StreamResponse:
 async def _complete(request: web.Request, body: CompletionRequest, trace: RequestTrace) -> web.StreamResponse:
     resolved = request.app[REGISTRY].resolve(body.model)
     model = resolved.base  # a custom model runs on its base model's replicas and admission
+    trace.metric_model = resolved.id
     plan = await plan_completion(resolved, body, request.app[IMAGE_POLICY])
-    trace.prompt_tokens = plan.prompt_tokens
     settings = request.app[SETTINGS]
     metrics = request.app[METRICS]
     timeout_s = _request_timeout(request, settings.request_timeout_s)
@@ -118,6 +148,8 @@ async def _complete(request: web.Request, body: CompletionRequest, trace: Reques
         async with model.admission.slot(trace.account_id, deadline):
             queued.dec()
             waiting = False
+            # Usage counts the prompt from here: a request refused or timed out in the queue processed none of it.
+            trace.prompt_tokens = plan.prompt_tokens
             trace.queue_wait_s = time.perf_counter() - trace.arrived
             metrics.queue_wait.labels(resolved.id).observe(trace.queue_wait_s)
             with metrics.in_flight.labels(resolved.id).track_inprogress():

@@ -43,4 +43,12 @@ class UsageRecord:
         return datetime.datetime.fromtimestamp(self.created_at, datetime.UTC).date().isoformat()
 
     def row(self) -> tuple[object, ...]:
-        return tuple(self.day if name == "day" else getattr(self, name) for name in COLUMNS)
+        return tuple(self.day if name == "day" else _storable(getattr(self, name)) for name in COLUMNS)
+
+
+def _storable(value: object) -> object:
+    """Text the databases accept: a string that is not valid Unicode (an unpaired surrogate, e.g. from a header
+    that was not UTF-8) gets "?" in its place, so one odd value can never block every later row."""
+    if isinstance(value, str) and not value.isascii():
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return value

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -75,3 +78,26 @@ def gateway(reference_triton: EmbeddedTriton, reference_checkpoint: Path) -> Ite
     settings = gateway_settings([model_entry(reference_checkpoint, reference_triton.grpc_url)], max_body_bytes=65536)
     with GatewayThread(settings) as running:
         yield running
+
+
+def raw_post(url: str, path: str, headers: bytes, body: bytes) -> tuple[int, dict[str, str], Any]:
+    """A POST written byte for byte (header values no HTTP client library would send as given):
+    (status, headers, JSON body)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    head = (
+        (
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+        ).encode()
+        + headers
+        + b"\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(head + body)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head_bytes, _, payload = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head_bytes.decode("latin-1").split("\r\n")
+    parsed = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), parsed, json.loads(payload) if payload else None

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.gateway.conftest import MODEL, GatewayThread, RunningGateway, gateway_settings, model_entry
+from tests.gateway.conftest import MODEL, GatewayThread, RunningGateway, gateway_settings, model_entry, raw_post
 from tests.prompts import SMOLLM_CHAT, VARIED_PROMPTS
 from tests.triton_client import metric_value, wait_for_metric
 from triton_models.launcher import EmbeddedTriton, free_port
@@ -78,6 +78,15 @@ BAD_REQUESTS = [
     ({"model": MODEL, "prompt": "hi", "model_parameters": {"top_k": 2**40}}, 400, "top_k", None),  # fuzzing
     ({"model": MODEL, "prompt": "\u0016"}, 400, "no tokens for this model's tokenizer", "prompt"),  # found by fuzzing
     ({"model": MODEL, "prompt": "hi", "model_parameters": {"stop_sequences": ["\u0000"]}}, 400, "NUL", None),
+    # JSON escapes of unpaired surrogates: valid JSON, not text (found by review; were 500s, or a poisoned ledger).
+    ({"model": MODEL, "prompt": "hi \ud800"}, 400, "unpaired UTF-16 surrogate", "prompt"),
+    (
+        {"model": MODEL, "prompt": "hi", "model_parameters": {"stop_sequences": ["ok", "\udc00"]}},
+        400,
+        "unpaired UTF-16 surrogate",
+        "model_parameters.stop_sequences.1",
+    ),
+    ({"model": MODEL, "prompt": "hi", "account_id": "a\ud800"}, 400, "unpaired UTF-16 surrogate", "account_id"),
 ]
 
 
@@ -148,6 +157,12 @@ def test_unknown_fields_are_ignored_and_request_ids_are_made(gateway: RunningGat
     assert code == 200
     assert "Paris" in payload["completion"]["text"]
     assert len(headers["x-request-id"]) == 32
+
+
+def test_a_request_id_that_is_not_printable_ascii_is_replaced(gateway: RunningGateway) -> None:
+    # Header values travel as bytes: a non-ASCII id would come back as different bytes than the client sent.
+    status, headers, _ = raw_post(gateway.url, "/v4/completions", b"x-request-id: req-caf\xc3\xa9\r\n", b"{}")
+    assert status == 400 and len(headers["x-request-id"]) == 32 and headers["x-request-id"].isalnum()
 
 
 def test_gateway_stays_ready_after_bad_input(gateway: RunningGateway) -> None:

@@ -187,6 +187,12 @@ def test_bad_data_urls_are_refused_with_the_reason() -> None:
     assert "decompression bomb" in _refusal(f"data:image/png;base64,{bomb}")
 
 
+def test_malformed_urls_are_refused_not_crashed_on() -> None:
+    # Each was a 500 (an exception from URL parsing or IDNA encoding), found by review.
+    assert "Invalid IPv6 URL" in _refusal("http://[::1/x.png", ImagePolicy())
+    assert "does not resolve" in _refusal("http://" + "a" * 64 + ".example.com/x.png", ImagePolicy())
+
+
 def test_the_number_of_images_is_bounded_and_refusals_name_the_image(server: ImageServer) -> None:
     png = "data:image/png;base64," + base64.b64encode(_encoded("PNG")).decode()
     with pytest.raises(InvalidRequest, match="at most 2 images") as refused:
