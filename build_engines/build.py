@@ -74,7 +74,10 @@ def repository_settings(plan: BuildPlan) -> RepositorySettings:
         batch_scheduler_policy=target.batch_scheduler_policy,
         kv_cache_free_gpu_mem_fraction=target.kv_cache_free_gpu_mem_fraction,
         enable_chunked_context=target.enable_chunked_context,
-        enable_kv_cache_reuse=target.enable_kv_cache_reuse,
+        # Every image enters the prompt as the same placeholder ids (vocab_size + row), so KV-cache reuse would
+        # match two different images' blocks as one prefix; TensorRT-LLM 0.14 has no per-request extra ids to
+        # tell them apart, so reuse stays off for vision-language models.
+        enable_kv_cache_reuse=target.enable_kv_cache_reuse and not plan.model.accepts_images,
     )
 
 
@@ -207,7 +210,8 @@ def verify_engine(plan: BuildPlan) -> None:
     mapping = pretrained.get("mapping", {})
     target = plan.target
     expected = {
-        "architecture": (pretrained.get("architecture"), plan.model.architecture),
+        # For a vision-language checkpoint the converter records its language model's architecture.
+        "architecture": (pretrained.get("architecture"), plan.model.language_model_architecture),
         "dtype": (pretrained.get("dtype"), target.dtype),
         "tp_size": (mapping.get("tp_size"), target.tp_size),
         "pp_size": (mapping.get("pp_size"), target.pp_size),

@@ -35,6 +35,13 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = field(default=())
     bos_token_id: int | None = None
     pad_token_id: int | None = None
+    # A vision-language checkpoint's language model architecture (its text_config); "" for a text model.
+    text_architecture: str = ""
+
+    @property
+    def language_model_architecture(self) -> str:
+        """The decoder's own architecture: what TensorRT-LLM's converter records for a vision-language model."""
+        return self.text_architecture or self.architecture
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -52,7 +59,8 @@ class ModelConfig:
             # The language model's own config; the checkpoint's identity stays the vision-language one.
             text = {"tie_word_embeddings": raw.get("tie_word_embeddings", False), **raw["text_config"]}
             text["architectures"] = text.get("architectures") or ["LlamaForCausalLM"]
-            return replace(cls.from_dict(text, generation), architecture=architectures[0])
+            language = cls.from_dict(text, generation)
+            return replace(language, architecture=architectures[0], text_architecture=language.architecture)
         architecture = architectures[0]
         if architecture not in SUPPORTED_ARCHITECTURES:
             raise CheckpointError(

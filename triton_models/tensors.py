@@ -28,8 +28,9 @@ TOP_P: Final = "top_p"
 PRESENCE_PENALTY: Final = "presence_penalty"
 FREQUENCY_PENALTY: Final = "frequency_penalty"
 REPETITION_PENALTY: Final = "repetition_penalty"
-MIN_TOKENS: Final = "min_tokens"
-SEED: Final = "seed"
+# Named as in the pinned container's inflight_batcher_llm ensemble (see GEN_MIN_TOKENS below).
+MIN_TOKENS: Final = "min_length"
+SEED: Final = "random_seed"
 STOP_WORDS: Final = "stop_words"
 BAD_WORDS: Final = "bad_words"
 END_ID: Final = "end_id"
@@ -61,9 +62,11 @@ RUNTIME_TOP_P: Final = "runtime_top_p"
 GEN_PRESENCE_PENALTY: Final = "presence_penalty"
 GEN_FREQUENCY_PENALTY: Final = "frequency_penalty"
 GEN_REPETITION_PENALTY: Final = "repetition_penalty"
-# Renamed between TensorRT-LLM container releases (older: min_length, random_seed); we target the new names.
-GEN_MIN_TOKENS: Final = "min_tokens"
-GEN_SEED: Final = "seed"
+# The names the pinned container's backend reads (NGC 24.10, TensorRT-LLM 0.14, build_engines/targets.toml):
+# later releases renamed them min_tokens and seed, and an input the backend does not know is ignored without
+# an error, so these follow the pin (the templates use the same names; test_repository_render checks them).
+GEN_MIN_TOKENS: Final = "min_length"
+GEN_SEED: Final = "random_seed"
 STREAMING: Final = "streaming"
 EXCLUDE_INPUT_IN_OUTPUT: Final = "exclude_input_in_output"
 GEN_RETURN_LOG_PROBS: Final = "return_log_probs"

@@ -284,6 +284,21 @@ def test_llava_checkpoints_plan_a_vision_engine_and_a_prompt_table(tmp_path: Pat
     assert table_input.data_type == model_config_pb2.TYPE_FP16
     entry = tomllib.loads(result.registry_entry.read_text())["models"][0]
     assert entry["accepts_images"] is True
+    # Images are the same placeholder ids in every prompt: KV-cache reuse would mix two images' blocks.
+    assert target.enable_kv_cache_reuse
+    assert configs[t.TENSORRT_LLM].parameters["enable_kv_cache_reuse"].string_value == "false"
+    # The converter records the language model's architecture; the built engine is checked against that.
+    from build_engines.build import verify_engine
+
+    result.plan.engine_dir.mkdir(parents=True)
+    (result.plan.engine_dir / "config.json").write_text(json.dumps({
+        "pretrained_config": {"architecture": "LlamaForCausalLM", "dtype": target.dtype, "quantization": {},
+                              "mapping": {"tp_size": target.tp_size, "pp_size": target.pp_size}},
+        "build_config": {"max_batch_size": target.max_batch_size, "max_input_len": target.max_input_len,
+                         "max_seq_len": result.plan.max_seq_len},
+    }))  # fmt: skip
+    (result.plan.engine_dir / "rank0.engine").write_bytes(b"")
+    verify_engine(result.plan)
     # multimodal_encoders runs the vision engine the plan builds; where TensorRT-LLM is missing it says so.
     engine_dir = configs[t.MULTIMODAL_ENCODERS].parameters["visual_engine_dir"].string_value
     assert engine_dir == visual[visual.index("--output_dir") + 1]

@@ -148,7 +148,7 @@ def test_max_tokens_is_respected(client: StreamingClient) -> None:
 
 
 def test_sampling_with_a_seed_is_reproducible_through_the_ensemble(client: StreamingClient) -> None:
-    options = {"temperature": 1.0, "top_p": 0.9, "seed": 42}
+    options = {"temperature": 1.0, "top_p": 0.9, t.SEED: 42}
     first = client.complete(VARIED_PROMPTS[1], 16, stream=True, **options)
     second = client.complete(VARIED_PROMPTS[1], 16, stream=True, **options)
     assert first.data == second.data

@@ -67,6 +67,8 @@ def test_cpu_llm_has_exactly_the_tensor_interface_of_tensorrt_llm() -> None:
         return inputs, outputs
 
     assert interface(t.CPU_LLM) == interface(t.TENSORRT_LLM) == interface(t.ECHO_LLM)
+    # The sampling inputs renamed between releases carry the pinned container's names (triton_models/tensors.py).
+    assert {t.GEN_MIN_TOKENS, t.GEN_SEED} <= {name for name, *_ in interface(t.TENSORRT_LLM)[0]}
 
 
 def test_ensemble_speaks_the_names_clients_of_nvidias_ensemble_use() -> None:
