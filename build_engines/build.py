@@ -65,7 +65,9 @@ def repository_settings(plan: BuildPlan) -> RepositorySettings:
         )
     return RepositorySettings(
         **lora,  # type: ignore[arg-type]
-        prompt_embedding_table_data_type="TYPE_BF16" if target.dtype == "bfloat16" else "TYPE_FP16",
+        # Image features and adapter weights enter the engine in its own dtype.
+        prompt_embedding_table_data_type=_engine_tensor_type(target),
+        lora_weights_data_type=_engine_tensor_type(target),
         visual_engine_dir=str(plan.engine_dir / "vision") if plan.model.accepts_images else "",
         checkpoint_dir=checkpoint,
         generation_model=target.generation_model,
@@ -97,10 +99,15 @@ def registry_entry(plan: BuildPlan, model_id: str, endpoint: str) -> str:
     ) + (lora_entry(plan.target) if plan.lora else "")
 
 
+def _engine_tensor_type(target: Target) -> str:
+    return "TYPE_BF16" if target.dtype == "bfloat16" else "TYPE_FP16"
+
+
 def lora_entry(target: Target) -> str:
-    """What the gateway checks adapters against: the engine's LoRA limits."""
+    """What the gateway checks adapters against, the engine's LoRA limits, and the dtype it sends weights in."""
     modules = ", ".join(f'"{m}"' for m in target.lora_target_modules)
-    return f"lora = {{ max_rank = {target.lora_max_rank}, target_modules = [{modules}] }}\n"
+    dtype = "bfloat16" if target.is_gpu and target.dtype == "bfloat16" else "float16"
+    return f'lora = {{ max_rank = {target.lora_max_rank}, target_modules = [{modules}], weights_dtype = "{dtype}" }}\n'
 
 
 def checkpoint_hash(checkpoint: Path) -> str:
@@ -123,12 +130,14 @@ def build(
     model_id: str,
     endpoint: str = "127.0.0.1:8001",
     lora: bool = False,
+    calib_dataset: str | None = None,
 ) -> BuildResult:
     target = catalog.get(target_name)
     out = out.resolve()
     plan = plan_build(
-        checkpoint.resolve(), target, catalog.container, out / "engines" / target.name, out / "work", lora=lora
-    )
+        checkpoint.resolve(), target, catalog.container, out / "engines" / target.name, out / "work", lora=lora,
+        calib_dataset=calib_dataset,
+    )  # fmt: skip
     print(plan.describe(), flush=True)
     gpu: dict[str, Any] = {"name": "not built (dry run)" if dry_run else "cpu", "compute_capability": None}
     if target.is_gpu and not dry_run:
@@ -233,13 +242,13 @@ def verify_engine(plan: BuildPlan) -> None:
 
 def main_build(
     argv_target: str, checkpoint: Path, out: Path, dry_run: bool, model_id: str, targets: Path, endpoint: str,
-    lora: bool = False,
+    lora: bool = False, calib_dataset: str | None = None,
 ) -> Path:  # fmt: skip
     from build_engines.targets import load_targets
 
     result = build(
         load_targets(targets), checkpoint, argv_target, out, dry_run=dry_run, model_id=model_id, endpoint=endpoint,
-        lora=lora,
+        lora=lora, calib_dataset=calib_dataset,
     )  # fmt: skip
     print(f"repository: {result.repository}\ngateway entry: {result.registry_entry}\nmanifest: {result.manifest}")
     world = result.plan.target.world_size

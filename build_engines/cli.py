@@ -44,6 +44,7 @@ def _build(args: argparse.Namespace) -> Path:
         args.targets,
         args.endpoint,
         args.lora,
+        args.calib_dataset,
     )
 
 
@@ -116,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--lora", action="store_true", help="build with LoRA (the target's lora_* limits) to serve adapters by id"
     )
+    build.add_argument(
+        "--calib-dataset", metavar="NAME_OR_DIR",
+        help="FP8 targets: the calibration set quantize.py reads (default: its own, downloaded from Hugging Face; "
+        "give a local copy on a cluster without internet access)",
+    )  # fmt: skip
     build.set_defaults(run=_build)
 
     adapter = commands.add_parser("adapter", help="register (or --remove) a LoRA adapter as a custom model id")

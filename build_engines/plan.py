@@ -98,8 +98,9 @@ def validate_checkpoint(checkpoint: Path, target: Target) -> ModelConfig:
 
 
 def plan_build(
-    checkpoint: Path, target: Target, container: Container, engine_dir: Path, work_dir: Path, lora: bool = False
-) -> BuildPlan:
+    checkpoint: Path, target: Target, container: Container, engine_dir: Path, work_dir: Path, lora: bool = False,
+    calib_dataset: str | None = None,
+) -> BuildPlan:  # fmt: skip
     model = validate_checkpoint(checkpoint, target)
     plan = BuildPlan(
         target=target, container=container, checkpoint=checkpoint, model=model, engine_dir=engine_dir, lora=lora
@@ -110,11 +111,15 @@ def plan_build(
     parallel = ["--tp_size", str(target.tp_size), "--pp_size", str(target.pp_size)]
     examples = Path(container.examples_dir)
     if target.quantization == "fp8":
+        # quantize.py downloads its calibration set unless given one: a cluster without internet access passes
+        # a local copy (--calib-dataset).
+        calibration = ["--calib_dataset", calib_dataset] if calib_dataset else []
         convert = Step(
-            "quantize to FP8 (weights and KV cache); needs a local calibration set on an offline cluster",
+            "quantize to FP8 (weights and KV cache), calibrated on "
+            + (calib_dataset or "quantize.py's default set (downloaded)"),
             ["python3", str(examples / "quantization" / "quantize.py"), "--model_dir", str(checkpoint),
              "--output_dir", str(trtllm_checkpoint), "--dtype", target.dtype, "--qformat", "fp8",
-             "--kv_cache_dtype", "fp8", "--calib_size", "512", *parallel],
+             "--kv_cache_dtype", "fp8", "--calib_size", "512", *calibration, *parallel],
         )  # fmt: skip
     else:
         command = [

@@ -57,6 +57,8 @@ class RepositorySettings:
     visual_engine_dir: str = ""  # GPU builds: the TensorRT vision engine multimodal_encoders runs
     # image features enter the prompt as a table of this type: float32 on CPU, the engine's dtype on GPUs
     prompt_embedding_table_data_type: str = "TYPE_FP32"
+    # LoRA adapter weights as requests carry them: TensorRT-LLM takes them only in the engine's dtype.
+    lora_weights_data_type: str = "TYPE_FP16"
     # tensorrt_llm
     engine_dir: str = ""
     decoupled_mode: bool = True

@@ -8,6 +8,17 @@
 ARG TRITON_VERSION=24.10
 FROM nvcr.io/nvidia/tritonserver:${TRITON_VERSION}-trtllm-python-py3
 
+# The NGC image carries TensorRT-LLM's Python package but not its examples, whose convert_checkpoint.py and
+# quantize.py the engine build runs: take them from the source of the same release, at the path
+# build_engines/targets.toml names (`[container] examples_dir`; a test checks all three agree).
+ARG TENSORRT_LLM_VERSION=0.14.0
+ARG TENSORRT_LLM_EXAMPLES=/app/tensorrt_llm/examples
+ADD https://github.com/NVIDIA/TensorRT-LLM/archive/refs/tags/v${TENSORRT_LLM_VERSION}.tar.gz /tmp/tensorrt_llm.tar.gz
+RUN mkdir -p "${TENSORRT_LLM_EXAMPLES}" \
+ && tar -xzf /tmp/tensorrt_llm.tar.gz -C "${TENSORRT_LLM_EXAMPLES}" --strip-components=2 \
+      "TensorRT-LLM-${TENSORRT_LLM_VERSION}/examples" \
+ && rm /tmp/tensorrt_llm.tar.gz
+
 WORKDIR /opt/triton-completions
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway

@@ -101,7 +101,9 @@ class ModelRegistry:
         if adapter is None or adapter.base_model not in self.models:
             raise ModelNotFound(f"model '{model_id}' is not served here", param="model")
         load = functools.partial(adapter.tensors, self.adapters.root)
-        return ResolvedModel(self.models[adapter.base_model], adapter, LoraRequest(adapter.task_id, load))
+        base = self.models[adapter.base_model]
+        dtype = base.entry.lora.weights_dtype if base.entry.lora is not None else "float16"
+        return ResolvedModel(base, adapter, LoraRequest(adapter.task_id, load, dtype))
 
     def custom_models(self) -> dict[str, StoredAdapter]:
         """The registered custom models, re-read when the store changed (one stat per call otherwise)."""

@@ -35,6 +35,8 @@ class LoraSettings(BaseModel):
 
     max_rank: Annotated[int, Field(ge=1)]
     target_modules: list[Literal[MODULES]] = list(MODULES)  # type: ignore[valid-type]
+    # The engine's dtype: TensorRT-LLM refuses adapter weights in any other ("bfloat16" engines need bfloat16).
+    weights_dtype: Literal["float16", "bfloat16"] = "float16"
 
 
 class ModelEntry(BaseModel):

@@ -26,6 +26,7 @@ class LoraRequest:
 
     task_id: int
     load_tensors: Callable[[], LoraTensors]
+    weights_dtype: str = "float16"  # the engine's: "float16" or "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,21 @@ def ensemble_request(
         builder.add(t.LORA_TASK_ID, plan.lora.task_id, "UINT64")
         if lora_tensors is not None:
             weights, config = lora_tensors
-            builder.add_array(t.LORA_WEIGHTS, weights.astype(np.float16, copy=False), "FP16")
+            if plan.lora.weights_dtype == "bfloat16":
+                builder.add_array(t.LORA_WEIGHTS, bfloat16_bits(weights), "BF16")
+            else:
+                builder.add_array(t.LORA_WEIGHTS, weights.astype(np.float16, copy=False), "FP16")
             builder.add_array(t.LORA_CONFIG, config.astype(np.int32, copy=False), "INT32")
     return builder.request
+
+
+def bfloat16_bits(values: npt.ArrayLike) -> npt.NDArray[np.uint16]:
+    """bfloat16 as Triton's BF16 tensors hold it (numpy has no such type): the upper half of each float32,
+    rounded to nearest, ties to even (NaN stays NaN)."""
+    floats = np.ascontiguousarray(values, dtype=np.float32)
+    bits = floats.view(np.uint32)
+    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+    return np.where(np.isnan(floats), np.uint16(0x7FC0), rounded.astype(np.uint16))
 
 
 def stop_request(generation_model: str, request_id: str) -> service_pb2.ModelInferRequest:

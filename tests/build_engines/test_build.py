@@ -67,6 +67,7 @@ def _check_dry_run(checkpoint: Path, target_name: str, out: Path) -> None:
     assert trt.max_batch_size == target.max_batch_size == int(flags["--max_batch_size"])
     assert trt.parameters["gpt_model_path"].string_value == str(plan.engine_dir) == flags["--output_dir"]
     assert trt.parameters["batch_scheduler_policy"].string_value == target.batch_scheduler_policy
+    assert trt.parameters["enable_kv_cache_reuse"].string_value == str(target.enable_kv_cache_reuse).lower()
     entry = tomllib.loads(result.registry_entry.read_text())["models"][0]
     assert entry["context_length"] == plan.max_seq_len == int(flags["--max_seq_len"])
     assert entry["generation_model"] == t.TENSORRT_LLM
@@ -206,6 +207,17 @@ def _engine_config(plan_target: str, checkpoint: Path, out: Path, **changes: obj
     return plan, plan.engine_dir
 
 
+def test_fp8_calibration_can_read_a_local_set(tiny_long_context: Path, tmp_path: Path) -> None:
+    # quantize.py downloads its default set: an offline cluster names a local copy.
+    default = build(CATALOG, tiny_long_context, "h100", tmp_path / "a", dry_run=True, model_id="m")
+    assert "--calib_dataset" not in default.plan.steps[0].command
+    local = build(
+        CATALOG, tiny_long_context, "h100", tmp_path / "b", dry_run=True, model_id="m", calib_dataset="/data/c"
+    )
+    quantize = local.plan.steps[0].command
+    assert quantize[quantize.index("--calib_dataset") + 1] == "/data/c" and "/data/c" in local.plan.steps[0].name
+
+
 def test_engine_verification_accepts_what_the_target_asked_for(tiny_long_context: Path, tmp_path: Path) -> None:
     from build_engines.build import verify_engine
 
@@ -238,9 +250,23 @@ def test_lora_builds_plan_the_lora_plugin_and_configure_the_lora_cache(tiny_long
     assert trt.parameters["lora_cache_max_adapter_size"].string_value == str(target.lora_max_rank)
     assert float(trt.parameters["lora_cache_gpu_memory_fraction"].string_value) == target.lora_cache_gpu_memory_fraction
     assert {i.name for i in trt.input} >= {t.LORA_TASK_ID, t.LORA_WEIGHTS, t.LORA_CONFIG}
+    # TensorRT-LLM takes adapter weights only in the engine's dtype: bfloat16 here, through the ensemble too.
+    assert target.dtype == "bfloat16"
+    for model in (t.TENSORRT_LLM, t.ENSEMBLE):
+        weights = next(i for i in _configs(result.repository)[model].input if i.name == t.LORA_WEIGHTS)
+        assert weights.data_type == model_config_pb2.TYPE_BF16, model
     entry = tomllib.loads(result.registry_entry.read_text())["models"][0]
     settings = GatewaySettings(models=[entry])
     assert settings.models[0].lora is not None and settings.models[0].lora.max_rank == target.lora_max_rank
+    assert settings.models[0].lora.weights_dtype == "bfloat16"
+    half = build(CATALOG, tiny_long_context, "a10g", tmp_path / "a10g", dry_run=True, model_id="m", lora=True)
+    assert CATALOG.get("a10g").dtype == "float16"
+    half_weights = next(i for i in _configs(half.repository)[t.TENSORRT_LLM].input if i.name == t.LORA_WEIGHTS)
+    assert half_weights.data_type == model_config_pb2.TYPE_FP16
+    assert (
+        GatewaySettings(models=tomllib.loads(half.registry_entry.read_text())["models"]).models[0].lora.weights_dtype
+        == "float16"
+    )
     manifest = json.loads((tmp_path / "gpu" / MANIFEST_FILE).read_text())
     assert manifest["lora"] == {"max_rank": target.lora_max_rank, "target_modules": target.lora_target_modules}
     # Without --lora: no plugin, no LoRA table for the gateway (custom models are refused on that base).

@@ -35,6 +35,10 @@ def _compose(*files: str) -> dict[str, Any]:
 def test_the_ngc_release_is_the_one_build_engines_targets_everywhere() -> None:
     dockerfile = (ROOT / "docker" / "triton.Dockerfile").read_text()
     assert re.search(r"^ARG TRITON_VERSION=(\S+)$", dockerfile, re.M)[1] == CONTAINER_VERSION  # type: ignore[index]
+    # The engine build's convert and quantize scripts come from the same TensorRT-LLM release, where it runs them.
+    container = load_targets().container
+    assert re.search(r"^ARG TENSORRT_LLM_VERSION=(\S+)$", dockerfile, re.M)[1] == container.tensorrt_llm_version  # type: ignore[index]
+    assert re.search(r"^ARG TENSORRT_LLM_EXAMPLES=(\S+)$", dockerfile, re.M)[1] == container.examples_dir  # type: ignore[index]
     compose = (ROOT / "docker" / "compose.yaml").read_text()
     assert set(re.findall(r"\$\{TRITON_VERSION:-([^}]+)\}", compose)) == {CONTAINER_VERSION}
     kustomization = (ROOT / "kubernetes" / "base" / "kustomization.yaml").read_text()

@@ -58,7 +58,7 @@ def test_tensorrt_llm_repository_configs_parse_with_tritons_schema(checkpoint: P
 def test_cpu_llm_has_exactly_the_tensor_interface_of_tensorrt_llm() -> None:
     def interface(model: str) -> tuple[list[tuple[str, int, list[int], bool]], list[tuple[str, int, list[int]]]]:
         text = (TEMPLATE_DIR / model / "config.pbtxt").read_text().replace("${triton_max_batch_size}", "64")
-        text = text.replace("${decoupled_mode}", "true")
+        text = text.replace("${decoupled_mode}", "true").replace("${lora_weights_data_type}", "TYPE_FP16")
         config = text_format.Parse(
             "\n".join(line for line in text.splitlines() if "${" not in line), model_config_pb2.ModelConfig()
         )
@@ -76,7 +76,9 @@ def test_ensemble_speaks_the_names_clients_of_nvidias_ensemble_use() -> None:
     # Without the image path (lines that are one template variable: vision-language checkpoints only).
     text = "\n".join(line for line in text.splitlines() if not line.strip().startswith("${"))
     config = text_format.Parse(
-        text.replace("${triton_max_batch_size}", "64").replace("${generation_model}", t.CPU_LLM),
+        text.replace("${triton_max_batch_size}", "64")
+        .replace("${generation_model}", t.CPU_LLM)
+        .replace("${lora_weights_data_type}", "TYPE_FP16"),
         model_config_pb2.ModelConfig(),
     )
     names = {i.name for i in config.input}

@@ -1,0 +1,39 @@
+"""Requests as Triton tensors: the adapter weights go in the engine's dtype (TensorRT-LLM refuses any other)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gateway.triton_translation import GenerationPlan, LoraRequest, bfloat16_bits, ensemble_request
+from triton_models import tensors as t
+
+WEIGHTS = np.array([[1.0, -2.0, 1 / 3], [65504.0, 1.00390625, 1.01171875]], dtype=np.float16)
+CONFIG = np.array([[0, 0, 8]], dtype=np.int32)
+
+
+def _plan(weights_dtype: str) -> GenerationPlan:
+    lora = LoraRequest(7, lambda: (WEIGHTS, CONFIG), weights_dtype)
+    return GenerationPlan(prompt="hi", prompt_tokens=1, max_tokens=4, temperature=0.0, top_k=None, top_p=None,
+                          presence_penalty=0.0, frequency_penalty=0.0, stop_sequences=(), lora=lora)  # fmt: skip
+
+
+def _weights_input(weights_dtype: str) -> tuple[str, list[int], bytes]:
+    request = ensemble_request("ensemble", "r", _plan(weights_dtype), (WEIGHTS, CONFIG))
+    index = next(i for i, tensor in enumerate(request.inputs) if tensor.name == t.LORA_WEIGHTS)
+    tensor = request.inputs[index]
+    return tensor.datatype, list(tensor.shape), request.raw_input_contents[index]
+
+
+def test_float16_engines_get_float16_weights() -> None:
+    datatype, shape, raw = _weights_input("float16")
+    assert (datatype, shape) == ("FP16", [1, 2, 3])
+    assert np.array_equal(np.frombuffer(raw, dtype=np.float16).reshape(2, 3), WEIGHTS)
+
+
+def test_bfloat16_engines_get_bfloat16_weights_rounded_to_nearest_even() -> None:
+    datatype, shape, raw = _weights_input("bfloat16")
+    assert (datatype, shape) == ("BF16", [1, 2, 3])
+    bits = np.frombuffer(raw, dtype=np.uint16).reshape(2, 3)
+    # 1/3 rounds up (0x3EAB); 65504 rounds to 65536; 1 + 2^-8 is a tie and goes to even (1.0); 1 + 3*2^-8 up.
+    assert [hex(b) for b in bits.ravel()] == ["0x3f80", "0xc000", "0x3eab", "0x4780", "0x3f80", "0x3f82"]
+    assert bfloat16_bits(np.array([np.nan], dtype=np.float32))[0] == 0x7FC0
