@@ -91,6 +91,9 @@ class Engine:
             raise ValueError(f"request_output_len must be >= 1, got {request.max_new_tokens}")
         if request.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {request.min_tokens}")
+        # An end id outside the vocabulary would fail the masking step of every sequence in the batch.
+        if any(not 0 <= end_id < c.vocab_size for end_id in request.end_ids):
+            raise ValueError(f"end_id: token ids must be in [0, {c.vocab_size}), got {list(request.end_ids)}")
         for name, groups in (("stop_words_list", request.stop_sequences), ("bad_words_list", request.bad_sequences)):
             for ids in groups:
                 if not ids or min(ids) < 0 or max(ids) >= c.vocab_size:
@@ -225,6 +228,9 @@ class Engine:
     def generate(self, requests: Iterable[GenerationRequest]) -> dict[str, GenerationResult]:
         """Run requests to completion (all submitted at once) and collect their outputs."""
         results: dict[str, GenerationResult] = {}
+        requests = list(requests)
+        for request in requests:  # all checked before any is queued: a bad one leaves nothing behind
+            self.check(request)
         for request in requests:
             self.submit(request)
             results[request.request_id] = GenerationResult()

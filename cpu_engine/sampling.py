@@ -18,6 +18,7 @@ FloatArray = npt.NDArray[np.float32]
 # top-p needs the sorted head of the distribution; sorting this many candidates first (instead of the whole
 # vocabulary) covers any p in practice, with a full sort as the fallback when it does not.
 _TOP_P_CANDIDATES = 1024
+_GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # Below _GREEDY_TEMPERATURE the distribution is one-hot anyway, and dividing by the temperature would
+        # overflow to inf (then NaN) for temperatures near the float32 minimum.
+        return self.temperature < _GREEDY_TEMPERATURE or self.top_k == 1
 
 
 class Sampler:

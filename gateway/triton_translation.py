@@ -100,6 +100,10 @@ def ensemble_request(
             builder.add(t.TOP_K, plan.top_k, "INT32")
     if plan.top_p is not None:
         builder.add(t.TOP_P, plan.top_p, "FP32")
+    elif plan.temperature != 0.0 and plan.top_k is None:
+        # With neither top_k nor top_p, TensorRT-LLM decodes greedily whatever the temperature: top_p 1.0 asks
+        # for sampling from the whole distribution, as the API means.
+        builder.add(t.TOP_P, 1.0, "FP32")
     if plan.presence_penalty:
         builder.add(t.PRESENCE_PENALTY, plan.presence_penalty, "FP32")
     if plan.frequency_penalty:

@@ -24,6 +24,11 @@ class TritonPythonModel:
                     continue
                 prompt = [int(i) for i in required_tensor(request, t.INPUT_IDS).reshape(-1)]
                 count = int(scalar(request, t.REQUEST_OUTPUT_LEN, 1))
+                # As the generation model does: nothing to echo must be an error, never a stream without an end.
+                if not prompt:
+                    raise ValueError(f"input '{t.INPUT_IDS}' is empty")
+                if count < 1:
+                    raise ValueError(f"{t.REQUEST_OUTPUT_LEN} must be >= 1, got {count}")
                 tokens = [prompt[i % len(prompt)] for i in range(count)]
                 if bool(scalar(request, t.STREAMING, False)):
                     for index, token in enumerate(tokens):

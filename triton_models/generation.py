@@ -41,12 +41,14 @@ def parse_request(request: Any, engine_id: str, exclude_input_default: bool) -> 
     end_id = scalar(request, t.GEN_END_ID, None)
     stop_words = optional_tensor(request, t.STOP_WORDS_LIST)
     bad_words = optional_tensor(request, t.BAD_WORDS_LIST)
-    top_p = float(scalar(request, t.RUNTIME_TOP_P, 1.0))
+    top_p = float(scalar(request, t.RUNTIME_TOP_P, 0.0))
+    top_k = int(scalar(request, t.RUNTIME_TOP_K, 0))
     seed = scalar(request, t.GEN_SEED, None)
     sampling = SamplingParams(
         temperature=float(scalar(request, t.GEN_TEMPERATURE, 1.0)),
-        top_k=int(scalar(request, t.RUNTIME_TOP_K, 0)),
-        # TensorRT-LLM reads top_p 0 as "off"; so do we.
+        # TensorRT-LLM's defaults: top_k 0 and top_p 0 (or absent) together mean greedy, whatever the
+        # temperature; top_p 0 next to a top_k means top-k alone.
+        top_k=1 if top_k == 0 and top_p <= 0.0 else top_k,
         top_p=1.0 if top_p <= 0.0 else top_p,
         repetition_penalty=float(scalar(request, t.GEN_REPETITION_PENALTY, 1.0)),
         presence_penalty=float(scalar(request, t.GEN_PRESENCE_PENALTY, 0.0)),
@@ -235,6 +237,10 @@ class TritonPythonModel:
             replier = _Replier(request.get_response_sender())
             try:
                 if bool(scalar(request, t.STOP, False)):
+                    if not request.request_id():
+                        # As TensorRT-LLM's backend: without an id it would stop every request sent without one.
+                        replier.error("a request id must be provided for request cancellation")
+                        continue
                     self.scheduler.submit(StopRequest(request.request_id(), replier.acknowledge))
                     continue
                 generation, streaming, exclude_input = parse_request(

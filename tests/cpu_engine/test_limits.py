@@ -79,6 +79,7 @@ def test_full_wait_queue_refuses_new_requests(checkpoint: Path) -> None:
         ({"stop_sequences": ((),)}, "stop_words_list"),
         ({"bad_sequences": ((70000,),)}, "bad_words_list"),
         ({"min_tokens": -1}, "min_tokens"),
+        ({"end_ids": (2, 70000), "min_tokens": 1}, r"end_id: token ids must be in \[0, 512\)"),  # found by review
     ],
 )
 def test_malformed_requests_name_the_field(checkpoint: Path, request_fields: dict[str, object], message: str) -> None:
@@ -86,6 +87,15 @@ def test_malformed_requests_name_the_field(checkpoint: Path, request_fields: dic
     fields: dict[str, object] = {"request_id": "r", "prompt_ids": (5, 6), "max_new_tokens": 4, **request_fields}
     with pytest.raises(ValueError, match=message):
         engine.submit(GenerationRequest(**fields))  # type: ignore[arg-type]
+
+
+def test_an_invalid_request_in_generate_queues_none_of_them(checkpoint: Path) -> None:
+    engine = Engine.from_checkpoint(checkpoint)
+    good, bad = GenerationRequest("good", (5, 6), 4, GREEDY), GenerationRequest("bad", (5, 6), 0, GREEDY)
+    with pytest.raises(ValueError, match="request_output_len"):
+        engine.generate([good, bad])
+    assert not engine.has_work()  # "good" was left queued, and the next call failed on it
+    assert len(engine.generate([good])["good"].token_ids) == 4
 
 
 def test_duplicate_request_id_is_refused(checkpoint: Path) -> None:

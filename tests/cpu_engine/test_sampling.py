@@ -47,6 +47,13 @@ def test_tiny_top_p_equals_greedy(engine: Engine) -> None:
     assert nucleus == greedy
 
 
+def test_a_vanishing_temperature_is_greedy_and_never_picks_a_masked_token() -> None:
+    # 1e-38 / 1e-45 overflowed the division to inf, then NaN, and the draw returned the last candidate.
+    for temperature in (1e-6, 1e-38, 1e-45):
+        sampler = Sampler(SamplingParams(temperature=temperature, seed=0), 4, np.array([0]))
+        assert sampler.choose(np.array([1, 5, 3, -np.inf], dtype=np.float32)) == 1, temperature
+
+
 def test_top_k_draws_only_from_the_k_best() -> None:
     logits = np.linspace(-3, 3, 50).astype(np.float32)
     sampler = Sampler(SamplingParams(temperature=5.0, top_k=3, seed=0), 50, np.array([0]))

@@ -131,6 +131,25 @@ def test_stop_request_ends_a_running_generation_within_a_step(
     wait_for_metric(metrics, "cpu_llm_active_sequences", 0, timeout_s=1.0)
 
 
+def test_a_stop_request_without_a_request_id_is_refused(client: StreamingClient) -> None:
+    # It would otherwise stop every request sent without an id (TensorRT-LLM's backend refuses it the same way).
+    client.send(t.CPU_LLM, _stop_inputs(), "")
+    refused = client.collect({""})[""]
+    assert refused.error is not None and "request id must be provided" in refused.error
+
+
+def test_temperature_without_top_k_or_top_p_is_greedy_as_in_tensorrt_llm(client: StreamingClient) -> None:
+    greedy = client.complete(VARIED_PROMPTS[1], 12, stream=False, temperature=0.0)
+    for seed in (1, 2):
+        assert (
+            client.complete(VARIED_PROMPTS[1], 12, stream=False, temperature=1.0, **{t.SEED: seed}).data == greedy.data
+        )
+    # With top_p (what the gateway sends when a request samples) the whole distribution is drawn from.
+    sampled = [client.complete(VARIED_PROMPTS[1], 12, stream=False, temperature=1.0, top_p=1.0, **{t.SEED: s}).data
+               for s in (1, 2, 3)]  # fmt: skip
+    assert any(text != greedy.data for text in sampled)
+
+
 def test_stop_words_end_generation(client: StreamingClient) -> None:
     free = client.complete(FRANCE, 24, stream=False, temperature=0.0)
     assert "Paris." in free.text
