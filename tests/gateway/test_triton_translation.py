@@ -37,3 +37,21 @@ def test_bfloat16_engines_get_bfloat16_weights_rounded_to_nearest_even() -> None
     # 1/3 rounds up (0x3EAB); 65504 rounds to 65536; 1 + 2^-8 is a tie and goes to even (1.0); 1 + 3*2^-8 up.
     assert [hex(b) for b in bits.ravel()] == ["0x3f80", "0xc000", "0x3eab", "0x4780", "0x3f80", "0x3f82"]
     assert bfloat16_bits(np.array([np.nan], dtype=np.float32))[0] == 0x7FC0
+
+
+def _sampling_inputs(temperature: float, top_k: int | None, top_p: float | None) -> dict[str, bytes]:
+    plan = GenerationPlan(prompt="hi", prompt_tokens=1, max_tokens=4, temperature=temperature, top_k=top_k,
+                          top_p=top_p, presence_penalty=0.0, frequency_penalty=0.0, stop_sequences=())  # fmt: skip
+    request = ensemble_request("ensemble", "r", plan)
+    return {tensor.name: request.raw_input_contents[i] for i, tensor in enumerate(request.inputs)}
+
+
+def test_sampling_reaches_tensorrt_llm_as_sampling() -> None:
+    # TensorRT-LLM decodes greedily when neither top_k nor top_p is set, whatever the temperature.
+    only_temperature = _sampling_inputs(0.7, None, None)
+    assert np.frombuffer(only_temperature[t.TOP_P], dtype=np.float32)[0] == 1.0 and t.TOP_K not in only_temperature
+    with_top_k = _sampling_inputs(0.7, 40, None)
+    assert np.frombuffer(with_top_k[t.TOP_K], dtype=np.int32)[0] == 40 and t.TOP_P not in with_top_k
+    assert np.frombuffer(_sampling_inputs(0.7, None, 0.9)[t.TOP_P], dtype=np.float32)[0] == np.float32(0.9)
+    greedy = _sampling_inputs(0.0, None, None)  # temperature 0: the best token only
+    assert np.frombuffer(greedy[t.TOP_K], dtype=np.int32)[0] == 1 and t.TOP_P not in greedy
