@@ -188,9 +188,10 @@ class Engine:
             if not self.budget.can_reserve(reserve):
                 break
             self.waiting.popleft()
+            # Allocated before the budget is charged: if allocating fails, nothing stays reserved.
+            sequence = Sequence(request, self.config.vocab_size, SequenceKVCache(self.config, reserve))
             self.budget.reserve(reserve)
-            cache = SequenceKVCache(self.config, reserve)
-            self.running[request.request_id] = Sequence(request, self.config.vocab_size, cache)
+            self.running[request.request_id] = sequence
 
     def _schedule(self) -> list[tuple[Sequence, npt.NDArray[np.int64]]]:
         decoding = [s for s in self.running.values() if not s.in_prefill]

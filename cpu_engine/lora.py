@@ -104,7 +104,12 @@ def load_peft_adapter(adapter_dir: Path, config: ModelConfig, max_rank: int | No
         raise CheckpointError(f"{config_file}: peft_type {settings.get('peft_type')!r} is not LORA")
     if settings.get("use_rslora") or settings.get("use_dora"):
         raise CheckpointError(f"{config_file}: rsLoRA and DoRA adapters are not supported")
-    rank, alpha = int(settings.get("r", 0)), float(settings.get("lora_alpha", 0))
+    # Per-module ranks or scalings would be applied wrongly by one rank and one alpha: refused, not ignored.
+    patterns = [name for name in ("rank_pattern", "alpha_pattern") if settings.get(name)]
+    if patterns:
+        raise CheckpointError(f"{config_file}: per-module {' and '.join(patterns)} are not supported")
+    # PEFT's defaults where the file leaves them out (LoraConfig: r=8, lora_alpha=8).
+    rank, alpha = int(settings.get("r", 8)), float(settings.get("lora_alpha", 8))
     if rank < 1:
         raise CheckpointError(f"{config_file}: rank r must be at least 1, not {rank}")
     if max_rank is not None and rank > max_rank:

@@ -64,7 +64,13 @@ async def load_images(urls: Sequence[str], policy: ImagePolicy) -> list[Image]:
     """Every image of a request, checked; the first refusal ends it."""
     if len(urls) > policy.max_images:
         raise InvalidRequest(f"at most {policy.max_images} images per request, not {len(urls)}", param="images")
-    return list(await asyncio.gather(*(load_image(index, url, policy) for index, url in enumerate(urls))))
+    try:
+        # A task group: the first refusal cancels the other fetches instead of leaving them running.
+        async with asyncio.TaskGroup() as group:
+            loads = [group.create_task(load_image(index, url, policy)) for index, url in enumerate(urls)]
+    except* ImageRefused as refused:
+        raise refused.exceptions[0] from None
+    return [load.result() for load in loads]
 
 
 async def load_image(index: int, url: str, policy: ImagePolicy) -> Image:

@@ -136,11 +136,15 @@ async def _complete(request: web.Request, body: CompletionRequest, trace: Reques
     resolved = request.app[REGISTRY].resolve(body.model)
     model = resolved.base  # a custom model runs on its base model's replicas and admission
     trace.metric_model = resolved.id
-    plan = await plan_completion(resolved, body, request.app[IMAGE_POLICY])
     settings = request.app[SETTINGS]
     metrics = request.app[METRICS]
     timeout_s = _request_timeout(request, settings.request_timeout_s)
     deadline = asyncio.get_running_loop().time() + timeout_s
+    try:
+        async with asyncio.timeout_at(deadline):  # fetching the request's images counts against its deadline
+            plan = await plan_completion(resolved, body, request.app[IMAGE_POLICY])
+    except TimeoutError as error:
+        raise _deadline(timeout_s) from error
     queued = metrics.queued.labels(resolved.id)
     queued.inc()
     waiting = True

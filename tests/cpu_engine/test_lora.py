@@ -142,6 +142,14 @@ def test_bad_adapters_are_refused_with_the_reason(tiny_checkpoints: dict[Tokeniz
     (broken / "adapter_config.json").write_text(json.dumps({**settings, "target_modules": ["q_proj", "wq"]}))
     with pytest.raises(CheckpointError, match=r"target modules \['wq'\]"):
         load_peft_adapter(broken, config)
+    # Per-module ranks or scalings (PEFT's rank_pattern / alpha_pattern) were ignored: refused now.
+    (broken / "adapter_config.json").write_text(json.dumps({**settings, "alpha_pattern": {"q_proj": 32}}))
+    with pytest.raises(CheckpointError, match="per-module alpha_pattern are not supported"):
+        load_peft_adapter(broken, config)
+    # Left out of the file, lora_alpha is PEFT's default (8), not 0 (which made the adapter a no-op).
+    without_alpha = {k: v for k, v in settings.items() if k != "lora_alpha"}
+    (broken / "adapter_config.json").write_text(json.dumps({**without_alpha, "r": 8}))
+    assert load_peft_adapter(broken, config).alpha == 8.0
 
 
 def _differently_shaped(config: ModelConfig) -> ModelConfig:

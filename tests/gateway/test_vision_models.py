@@ -8,6 +8,8 @@ import asyncio
 import base64
 import io
 import json
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -152,3 +154,31 @@ def test_refused_images_and_placeholder_mismatches_are_clear_400s(gateway: Runni
     assert "loopback" in body["error"]["message"]
     status, body = _complete(gateway.url, "Look.", ["data:image/png;base64,AAAA"])
     assert status == 400 and body["error"]["param"] == "images[0].image_url"
+
+
+def test_the_request_deadline_covers_fetching_its_images(llava: Path) -> None:
+    # A host that accepts the connection and never answers: only the request's own deadline can end the wait.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/x.png"
+        entry = ModelEntry(
+            id=MODEL, tokenizer_dir=llava, context_length=ModelConfig.from_checkpoint(llava).max_position_embeddings,
+            endpoints=["127.0.0.1:9"], accepts_images=True,
+        )  # fmt: skip
+        settings = gateway_settings([entry], image_fetch_allowed_networks=["127.0.0.0/8"])
+        with GatewayThread(settings) as running:
+
+            async def run() -> tuple[int, Any, float]:
+                body = {"model": MODEL, "prompt": "Look.", "images": [{"image_url": url}]}
+                started = time.monotonic()
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.post(
+                        f"{running.url}/v4/completions", json=body, headers={"x-request-timeout": "0.5"}
+                    ) as response,
+                ):
+                    return response.status, await response.json(), time.monotonic() - started
+
+            status, body, elapsed = asyncio.run(run())
+    assert status == 504 and body["error"]["type"] == "timeout" and elapsed < 5  # not the 10 s fetch timeout
