@@ -56,6 +56,7 @@ class Replica:
     # request through the ensemble until it works again (the model reloaded, or Triton restarted).
     needs_probe: bool = False
     checks_failed: int = 0
+    marked_down: int = 0  # times a request found it failed: a health check that started before one is stale
 
     @property
     def address(self) -> str:
@@ -101,6 +102,7 @@ class ReplicaPool:
         replica.ready = False
         replica.last_error = reason
         replica.needs_probe = replica.needs_probe or needs_probe
+        replica.marked_down += 1
 
     def _unavailable_message(self, tried: set[str]) -> str:
         # Addresses stay out of client-facing messages (they are in the logs and on /readyz); reasons do not.
@@ -123,8 +125,11 @@ class ReplicaPool:
     async def check(self, timeout_s: float) -> None:
         """Ask every replica whether the ensemble is ready, concurrently; update their states."""
         replicas = list(self.replicas.values())
+        marks = [r.marked_down for r in replicas]
         results = await asyncio.gather(*(self._check_one(r, timeout_s) for r in replicas))
-        for replica, (ready, reason) in zip(replicas, results, strict=True):
+        for replica, mark, (ready, reason) in zip(replicas, marks, results, strict=True):
+            if ready and replica.marked_down != mark:
+                continue  # a request found it failed while this check was on its way: the next check decides
             if ready and replica.ready is not True:
                 log.info("model %s: replica %s is ready", self.entry.id, replica.address)
             replica.ready = ready

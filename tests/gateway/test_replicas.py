@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from build_engines.repository import RepositorySettings, render_repository
+from gateway.replicas import EndpointDirectory, ReplicaPool
 from tests.gateway.conftest import MODEL, GatewayThread, RunningGateway, gateway_settings, model_entry
 from tests.prompts import VARIED_PROMPTS
 from tests.triton_client import metric_value, wait_for_metric
@@ -224,3 +225,26 @@ def test_dns_discovery_finds_the_replicas_behind_a_name(
     # Whatever else "localhost" resolves to (::1 here, where Triton does not listen) is tried and marked down.
     replicas = ready["replicas"][MODEL]
     assert all(state["ready"] == (address == f"127.0.0.1:{port}") for address, state in replicas.items())
+
+
+def test_a_health_check_in_flight_does_not_undo_a_replica_marked_down(
+    reference_checkpoint: Path, reference_triton: EmbeddedTriton
+) -> None:
+    # The check's answer ("ready") was asked before a request found the replica failed: it must not win.
+    entry = model_entry(reference_checkpoint, reference_triton.grpc_url)
+
+    async def run() -> tuple[bool | None, bool | None]:
+        directory = EndpointDirectory()
+        pool = ReplicaPool(entry, directory)
+        try:
+            check = asyncio.create_task(pool.check(5.0))
+            await asyncio.sleep(0)  # the check is now waiting for Triton's answer
+            pool.mark_down(reference_triton.grpc_url, "a stream failed")
+            await check
+            after_race = pool.replicas[reference_triton.grpc_url].ready
+            await pool.check(5.0)  # the next check sees the replica as it is
+            return after_race, pool.replicas[reference_triton.grpc_url].ready
+        finally:
+            await directory.close()
+
+    assert asyncio.run(run()) == (False, True)
