@@ -7,6 +7,7 @@ same streaming call: the gateway assembles the chunks.
 
 from __future__ import annotations
 
+import secrets
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,6 +99,9 @@ def ensemble_request(
         builder.add(t.TEMPERATURE, plan.temperature, "FP32")
         if plan.top_k is not None:
             builder.add(t.TOP_K, plan.top_k, "INT32")
+        # A seed of its own per request: TensorRT-LLM gives requests without random_seed its default seed, and
+        # identical sampled requests would then draw identical completions.
+        builder.add(t.SEED, secrets.randbits(63), "UINT64")
     if plan.top_p is not None:
         builder.add(t.TOP_P, plan.top_p, "FP32")
     elif plan.temperature != 0.0 and plan.top_k is None:

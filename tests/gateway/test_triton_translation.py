@@ -55,3 +55,6 @@ def test_sampling_reaches_tensorrt_llm_as_sampling() -> None:
     assert np.frombuffer(_sampling_inputs(0.7, None, 0.9)[t.TOP_P], dtype=np.float32)[0] == np.float32(0.9)
     greedy = _sampling_inputs(0.0, None, None)  # temperature 0: the best token only
     assert np.frombuffer(greedy[t.TOP_K], dtype=np.int32)[0] == 1 and t.TOP_P not in greedy
+    # Each sampled request draws with a seed of its own (TensorRT-LLM would use one default seed for all).
+    seeds = {np.frombuffer(_sampling_inputs(0.7, None, None)[t.SEED], dtype=np.uint64)[0] for _ in range(5)}
+    assert len(seeds) == 5 and t.SEED not in greedy
