@@ -60,7 +60,10 @@ async def _read_request(request: web.Request) -> CompletionRequest:
         raise InvalidRequest(f"the body is not acceptable JSON: {error}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
-    where = _unencodable_text(body, "")
+    try:
+        where = _unencodable_text(body, "")
+    except RecursionError:  # the walk recurses like the parser: a deeper call stack here could hit the limit first
+        raise InvalidRequest("the body is not acceptable JSON: nested too deeply") from None
     if where is not None:
         raise InvalidRequest(f"{where}: a string holds an unpaired UTF-16 surrogate escape", param=where)
     try:
