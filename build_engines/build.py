@@ -99,14 +99,19 @@ def registry_entry(plan: BuildPlan, model_id: str, endpoint: str) -> str:
     ) + (lora_entry(plan.target) if plan.lora else "")
 
 
+def _engine_half_dtype(target: Target) -> str:
+    """The 16-bit type image features and adapter weights enter the engine in: its own (float16 on CPU)."""
+    return "bfloat16" if target.dtype == "bfloat16" else "float16"
+
+
 def _engine_tensor_type(target: Target) -> str:
-    return "TYPE_BF16" if target.dtype == "bfloat16" else "TYPE_FP16"
+    return {"bfloat16": "TYPE_BF16", "float16": "TYPE_FP16"}[_engine_half_dtype(target)]
 
 
 def lora_entry(target: Target) -> str:
     """What the gateway checks adapters against, the engine's LoRA limits, and the dtype it sends weights in."""
     modules = ", ".join(f'"{m}"' for m in target.lora_target_modules)
-    dtype = "bfloat16" if target.is_gpu and target.dtype == "bfloat16" else "float16"
+    dtype = _engine_half_dtype(target)
     return f'lora = {{ max_rank = {target.lora_max_rank}, target_modules = [{modules}], weights_dtype = "{dtype}" }}\n'
 
 

@@ -92,12 +92,19 @@ def _loaded_openblas() -> str | None:
     return None
 
 
-def generic_kernel_warning() -> str | None:
-    """A warning for the log when this process runs a generic kernel that the CPU could do better than."""
+def _generic_fallback() -> tuple[str, str] | None:
+    """(the generic kernel this process runs, the better one the CPU allows), or None."""
     current = openblas_core()
     kernel = better_coretype(current, cpu_flags())
-    if kernel is None:
+    return None if current is None or kernel is None else (current, kernel)
+
+
+def generic_kernel_warning() -> str | None:
+    """A warning for the log when this process runs a generic kernel that the CPU could do better than."""
+    fallback = _generic_fallback()
+    if fallback is None:
         return None
+    current, kernel = fallback
     return (
         f"numpy's OpenBLAS runs its generic {current} kernel on a CPU that supports {kernel}'s "
         f"(typical of virtual machines that hide the CPU model); generation can be several times slower: "
@@ -110,9 +117,8 @@ def blas_environment(environ: Mapping[str, str]) -> dict[str, str]:
     env = dict(environ)
     if CORETYPE_VARIABLE in env:
         return env
-    current = openblas_core()
-    kernel = better_coretype(current, cpu_flags())
-    if kernel is not None:
-        log.info("OpenBLAS chose the generic %s kernel for this CPU; child processes use %s", current, kernel)
-        env[CORETYPE_VARIABLE] = kernel
+    fallback = _generic_fallback()
+    if fallback is not None:
+        log.info("OpenBLAS chose the generic %s kernel for this CPU; child processes use %s", *fallback)
+        env[CORETYPE_VARIABLE] = fallback[1]
     return env

@@ -30,7 +30,10 @@ def _key_digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
-def _is_text(value: str) -> bool:
+def is_text(value: str) -> bool:
+    """Whether a string is valid Unicode text (no unpaired surrogates): what UTF-8 encoders and databases take."""
+    if value.isascii():
+        return True
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -84,7 +87,7 @@ def resolve_account(request: web.Request, body_account: str | None, require_acco
     """The account of a request, from the body's `account_id` or the `x-selected-account-id` header."""
     header = request.headers.get(ACCOUNT_HEADER) or None
     body_account = body_account or None  # an empty account is no account, in the body as in the header
-    if header is not None and not _is_text(header):
+    if header is not None and not is_text(header):
         raise InvalidRequest(f"the {ACCOUNT_HEADER} header is not valid UTF-8 text", param=ACCOUNT_HEADER)
     if header is not None and body_account is not None and header != body_account:
         raise InvalidRequest(

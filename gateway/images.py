@@ -168,12 +168,11 @@ class _PinnedResolver(AbstractResolver):
 async def _vet(index: int, url: str, policy: ImagePolicy, resolver: _PinnedResolver) -> None:
     try:
         parts = urlsplit(url)
-        hostname = parts.hostname
+        host = parts.hostname
     except ValueError as error:  # e.g. an unclosed IPv6 bracket
         raise ImageRefused(index, f"cannot fetch {url[:200]!r}: {error}") from None
-    if parts.scheme not in ("http", "https") or not hostname:
+    if parts.scheme not in ("http", "https") or not host:
         raise ImageRefused(index, f"cannot fetch {url[:200]!r}: only http(s) URLs with a host")
-    host = hostname
     try:
         literal: IpAddress | None = ipaddress.ip_address(host)
     except ValueError:

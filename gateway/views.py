@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from gateway.accounting import CLIENT_CLOSED, RequestTrace
-from gateway.auth import resolve_account
+from gateway.auth import is_text, resolve_account
 from gateway.completions import Event, Finished, TextDelta, plan_completion, run_completion
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidRequest, PayloadTooLarge
 from gateway.headers import (
@@ -76,13 +76,7 @@ def _unencodable_text(value: object, path: str) -> str | None:
     """The path of the first string (key or value) that is not valid Unicode text, e.g. "\\ud800" in the JSON:
     JSON allows such escapes, but no tokenizer, database or UTF-8 encoder takes them."""
     if isinstance(value, str):
-        if value.isascii():
-            return None
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-        return None
+        return None if is_text(value) else path
     if isinstance(value, dict):
         for key, item in value.items():
             where = f"{path}.{key}" if path else str(key)
