@@ -65,6 +65,9 @@ def preprocess(
     ids = facts.encode_prompt(prompt)
     if not ids:
         raise ValueError(f"input '{t.TEXT_INPUT}' tokenizes to nothing")
+    # A text-only request has no prompt table at all: Triton's ensemble hands the generation model an absent
+    # optional input for an output a step does not produce, as NVIDIA's preprocessing does for its optional
+    # prompt_table_extra_ids, whereas a zero-row table would depend on TensorRT-LLM's handling of empty buffers.
     table: npt.NDArray[np.float32] | None = None
     if vision is not None:
         if images:
@@ -73,10 +76,8 @@ def preprocess(
             if table.shape != (len(images) * vision.tokens_per_image, vision.hidden_size):
                 raise ValueError(f"the image encoder answered a table of {list(table.shape)}")
             ids = expand_placeholders(ids, vision.image_token_id, vision.tokens_per_image, facts.vocab_size)
-        else:
-            if vision.image_token_id in ids:
-                raise ValueError(f"the prompt has {vision.placeholder} placeholders but the request has no images")
-            table = np.zeros((0, vision.hidden_size), dtype=np.float32)
+        elif vision.image_token_id in ids:
+            raise ValueError(f"the prompt has {vision.placeholder} placeholders but the request has no images")
     primary = facts.end_ids[0] if end_id is None else end_id
     # TensorRT-LLM takes one end id; a checkpoint's other end ids must stop generation too (Llama 3's
     # <|eot_id|> and <|end_of_text|>), so they become single-token stop words.

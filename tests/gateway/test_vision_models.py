@@ -26,6 +26,7 @@ from tests.gateway.conftest import GatewayThread, RunningGateway, gateway_settin
 from tests.llava_checkpoints import hf_llava_greedy, reference_llava, write_tiny_llava
 from triton_models import tensors as t
 from triton_models.launcher import EmbeddedTriton
+from triton_models.preprocessing import TokenizerFacts, preprocess
 from triton_models.token_bytes import TokenBytes
 
 pytestmark = pytest.mark.transformers
@@ -140,6 +141,13 @@ def test_images_without_placeholders_go_in_front_and_text_only_requests_still_wo
     answers = {_complete(gateway.url, "USER: <image>\nWhat? ASSISTANT:", [_data_url(i)])[1]["completion"]["text"]
                for i in (0, 1)}  # fmt: skip
     assert len(answers) == 2
+
+
+def test_text_only_requests_send_the_generation_model_no_prompt_table(llava: Path) -> None:
+    # Absent, not a zero-row table (the end-to-end test above shows the ensemble passes the absence on).
+    outputs = preprocess(TokenizerFacts(llava), "USER: Hello ASSISTANT:", [], [], None)
+    assert t.PRE_INPUT_ID in outputs
+    assert t.PRE_PROMPT_EMBEDDING_TABLE not in outputs and t.PRE_PROMPT_VOCAB_SIZE not in outputs
 
 
 def test_refused_images_and_placeholder_mismatches_are_clear_400s(gateway: RunningGateway) -> None:
