@@ -41,9 +41,11 @@ def _regex_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
     )
 
 
-# llama.cpp pre-tokenizer name (`tokenizer.ggml.pre`) → the equivalent `tokenizers` pre-tokenizer.
+# llama.cpp pre-tokenizer name (`tokenizer.ggml.pre`) → the equivalent `tokenizers` pre-tokenizer. Not
+# "default": llama.cpp's name for a file that records none (its own splitting rules, with a warning that
+# generation quality degrades), which a file converted by a current llama.cpp never has.
 _PRE_TOKENIZERS = {
-    **{name: _gpt2_style for name in ("default", "gpt-2", "gpt2", "phi-2", "olmo", "jina-es")},
+    **{name: _gpt2_style for name in ("gpt-2", "gpt2", "phi-2", "olmo", "jina-es")},
     **{
         name: _digits_then_gpt2
         for name in ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
@@ -52,6 +54,11 @@ _PRE_TOKENIZERS = {
     **{name: lambda: _regex_then_bytes(_QWEN2_SPLIT) for name in ("qwen2", "deepseek-r1-qwen")},
 }
 
+# Where llama.cpp takes a whole pre-tokenized word that is in the vocabulary as one token, whatever the merges
+# say (as Llama 3's own tokenizer.json does with "ignore_merges").
+_IGNORES_MERGES = frozenset({"llama-bpe", "llama3", "llama-v3"})
+
+_TOKEN_TYPE_NORMAL = 1
 _TOKEN_TYPE_CONTROL = 3
 _TOKEN_TYPE_USER_DEFINED = 4
 
@@ -70,27 +77,37 @@ class GGUFTokenizerData:
 def build_tokenizer(data: GGUFTokenizerData) -> Tokenizer:
     if data.model != "gpt2":
         raise CheckpointError(f"GGUF tokenizer model {data.model!r} is not supported (only byte-level BPE, 'gpt2')")
+    if data.pre == "default":
+        raise CheckpointError(
+            "the GGUF file records no pre-tokenizer (tokenizer.ggml.pre), so how it splits text is unknown;"
+            " convert the model again with a current llama.cpp (convert_hf_to_gguf.py), which records it"
+        )
     if data.pre not in _PRE_TOKENIZERS:
         raise CheckpointError(
             f"GGUF pre-tokenizer {data.pre!r} is not supported; supported: {', '.join(sorted(_PRE_TOKENIZERS))}"
         )
+    token_types = data.token_types or [_TOKEN_TYPE_NORMAL] * len(data.tokens)
+    if len(token_types) != len(data.tokens):
+        raise CheckpointError(f"the GGUF file has {len(token_types)} token types for {len(data.tokens)} tokens")
     vocab = {token: index for index, token in enumerate(data.tokens)}
     merges = [_merge_pair(merge) for merge in data.merges]
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    tokenizer = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=data.pre in _IGNORES_MERGES)
+    )
     tokenizer.pre_tokenizer = _PRE_TOKENIZERS[data.pre]()  # type: ignore[no-untyped-call]
     tokenizer.decoder = decoders.ByteLevel()
     # Control tokens (<|im_start|>, …) must be matched whole before BPE, or the chat markers split into text.
     tokenizer.add_special_tokens(
         [
             AddedToken(token, special=True, normalized=False)
-            for token, kind in zip(data.tokens, data.token_types, strict=True)
+            for token, kind in zip(data.tokens, token_types, strict=True)
             if kind == _TOKEN_TYPE_CONTROL
         ]
     )
     tokenizer.add_tokens(
         [
             AddedToken(token, special=False, normalized=False)
-            for token, kind in zip(data.tokens, data.token_types, strict=True)
+            for token, kind in zip(data.tokens, token_types, strict=True)
             if kind == _TOKEN_TYPE_USER_DEFINED
         ]
     )

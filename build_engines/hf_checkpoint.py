@@ -8,6 +8,9 @@ makes has the same files: `config.json` (LlamaForCausalLM), `generation_config.j
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,8 @@ import numpy.typing as npt
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 
+from cpu_engine.errors import CheckpointError
+
 CHECKPOINT_FILES = (
     "config.json",
     "generation_config.json",
@@ -24,6 +29,9 @@ CHECKPOINT_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
 )
+# What a checkpoint was made from (e.g. the GGUF file's name and size): caches compare it to decide whether to
+# convert again. Written with the other files, so it never describes weights it was not written with.
+SOURCE_FILE = ".converted-from"
 
 
 @dataclass(frozen=True)
@@ -125,20 +133,72 @@ def tokenizer_config_json(tokenizer: Tokenizer, special: SpecialTokens, model_ma
     return config
 
 
+def check_output_dir(out_dir: Path) -> None:
+    """out_dir must be new, empty, or a checkpoint this project wrote (which is then replaced as a whole):
+    mixing new files with someone else's would make a checkpoint nobody wrote (the weights reader loads
+    every .safetensors file in a directory)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir():
+        others = sorted(p.name for p in out_dir.iterdir() if p.name not in (*CHECKPOINT_FILES, SOURCE_FILE))
+        if others:
+            shown = ", ".join(others[:5]) + (", …" if len(others) > 5 else "")
+            raise CheckpointError(
+                f"{out_dir} holds files that are not a checkpoint written here ({shown}): give a new or empty directory"
+            )
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move the finished staging directory to out_dir, replacing a previous checkpoint there."""
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is read by the serving user too
+    for path in staging.iterdir():
+        path.chmod(0o666 & ~umask)  # safetensors writes through a private temporary file
+    check_output_dir(out_dir)
+    if not out_dir.exists():
+        staging.rename(out_dir)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    out_dir.rename(retired / out_dir.name)
+    staging.rename(out_dir)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
 def write_checkpoint(
     out_dir: Path,
     shape: LlamaShape,
     special: SpecialTokens,
     tensors: dict[str, npt.NDArray[np.float32]],
     tokenizer: Tokenizer,
+    source: str,
 ) -> Path:
-    """Write all checkpoint files into out_dir (created if needed) and return it."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config_json(shape, special), indent=2) + "\n")
-    (out_dir / "generation_config.json").write_text(json.dumps(generation_config_json(special), indent=2) + "\n")
-    tokenizer.save(str(out_dir / "tokenizer.json"))
-    tokenizer_config = tokenizer_config_json(tokenizer, special, shape.max_position_embeddings)
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
-    contiguous = {name: np.ascontiguousarray(array, dtype=np.float32) for name, array in tensors.items()}
-    save_file(contiguous, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    """Write all checkpoint files to out_dir and return it; `source` says what the checkpoint was made from.
+
+    All or nothing: the files are written to a staging directory beside out_dir and moved into place when
+    complete, so a failure (a full disk, Ctrl-C) leaves out_dir as it was, never half old and half new.
+    """
+    check_output_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new-", dir=out_dir.parent))
+    try:
+        (staging / "config.json").write_text(json.dumps(config_json(shape, special), indent=2) + "\n")
+        (staging / "generation_config.json").write_text(json.dumps(generation_config_json(special), indent=2) + "\n")
+        tokenizer.save(str(staging / "tokenizer.json"))
+        tokenizer_config = tokenizer_config_json(tokenizer, special, shape.max_position_embeddings)
+        (staging / "tokenizer_config.json").write_text(
+            json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n"
+        )
+        contiguous = {name: np.ascontiguousarray(array, dtype=np.float32) for name, array in tensors.items()}
+        save_file(contiguous, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / SOURCE_FILE).write_text(source + "\n")
+        _publish(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def checkpoint_source(checkpoint_dir: Path) -> str | None:
+    """What the checkpoint in checkpoint_dir was made from, as write_checkpoint recorded it."""
+    path = checkpoint_dir / SOURCE_FILE
+    return path.read_text().strip() if path.is_file() else None

@@ -40,14 +40,11 @@ def reference_checkpoint_dir() -> Path:
 
 def ensure_reference_checkpoint(out_dir: Path | None = None) -> Path:
     """Convert the reference GGUF once; later calls return the cached checkpoint."""
-    from build_engines.gguf_checkpoint import convert_gguf
+    from build_engines.gguf_checkpoint import convert_gguf, gguf_source
+    from build_engines.hf_checkpoint import checkpoint_source
 
     target = out_dir or reference_checkpoint_dir()
-    marker = target / ".converted-from"
     source = reference_gguf_path()
-    stamp = f"{source.name} {source.stat().st_size}\n"
-    if marker.is_file() and marker.read_text() == stamp:
+    if checkpoint_source(target) == gguf_source(source):
         return target
-    convert_gguf(source, target)
-    marker.write_text(stamp)
-    return target
+    return convert_gguf(source, target)

@@ -177,4 +177,6 @@ def write_tiny_checkpoint(out_dir: Path, style: TokenizerStyle, seed: int = 0, c
         tie_word_embeddings=tied,
         rope_scaling=rope_scaling,
     )
-    return write_checkpoint(out_dir, shape, special, _random_weights(shape, seed), tokenizer)
+    return write_checkpoint(
+        out_dir, shape, special, _random_weights(shape, seed), tokenizer, f"tiny {style.value} checkpoint, seed {seed}"
+    )

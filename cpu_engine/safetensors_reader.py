@@ -60,12 +60,45 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, npt.NDArray[np.float32]]
         yield name, _to_float32(np.asarray(data[base + start : base + end]), dtype, shape)
 
 
+_SHARD_INDEX = "model.safetensors.index.json"
+
+
+def _weight_files(checkpoint_dir: Path) -> list[Path]:
+    """The checkpoint's weight files: those its shard index names, else every .safetensors file (one, or the
+    shards of an index-less checkpoint)."""
+    index = checkpoint_dir / _SHARD_INDEX
+    if not index.is_file():
+        return sorted(checkpoint_dir.glob("*.safetensors"))
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{index}: not a safetensors shard index ({error!r})") from None
+    files = [checkpoint_dir / name for name in names]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{index.name} names shards that are missing: {', '.join(missing)}")
+    return files
+
+
 def load_checkpoint_tensors(checkpoint_dir: Path) -> dict[str, npt.NDArray[np.float32]]:
-    """All tensors of a checkpoint directory (single file or sharded)."""
-    files = sorted(checkpoint_dir.glob("*.safetensors"))
+    """All tensors of a checkpoint directory (single file or sharded).
+
+    A tensor found in two files is refused rather than taken from whichever sorts last: such a directory
+    holds two checkpoints (e.g. Mistral's consolidated.safetensors beside the sharded files without an index).
+    """
+    files = _weight_files(checkpoint_dir)
     if not files:
         raise CheckpointError(f"{checkpoint_dir}: no .safetensors weights")
     tensors: dict[str, npt.NDArray[np.float32]] = {}
+    found_in: dict[str, str] = {}
     for file in files:
-        tensors.update(iter_safetensors(file))
+        for name, tensor in iter_safetensors(file):
+            if name in found_in:
+                raise CheckpointError(
+                    f"{checkpoint_dir}: tensor {name!r} is in both {found_in[name]} and {file.name}; one checkpoint"
+                    " per directory"
+                )
+            found_in[name] = file.name
+            tensors[name] = tensor
     return tensors

@@ -11,8 +11,10 @@ from tokenizers import Tokenizer
 
 from build_engines.cli import main as build_engines_main
 from build_engines.gguf_checkpoint import unpermute_rotary_rows
+from build_engines.gguf_tokenizer import GGUFTokenizerData, build_tokenizer
 from build_engines.hf_checkpoint import CHECKPOINT_FILES
 from build_engines.reference_model import reference_gguf_path
+from cpu_engine.errors import CheckpointError
 from tests.prompts import VARIED_PROMPTS
 
 
@@ -108,3 +110,75 @@ def test_cli_reference_writes_a_checkpoint(tmp_path: Path, capsys: pytest.Captur
     assert build_engines_main(["checkpoint", "--reference", "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(CHECKPOINT_FILES)
+
+
+def _write_llama_gguf(path: Path, eos: int = 1, extra_tensor: str | None = None) -> None:
+    """A Llama GGUF whose metadata is complete and whose tensors are tiny: enough for the checks that run
+    before any weight is read."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(["a", "b", "c"])
+    writer.add_eos_token_id(eos)
+    writer.add_tensor("token_embd.weight", np.zeros((3, 8), dtype=np.float32))
+    if extra_tensor is not None:
+        writer.add_tensor(extra_tensor, np.ones(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("eos", "extra_tensor", "message"),
+    [
+        (7, None, "tokenizer.ggml.eos_token_id 7 is outside the 3-token vocabulary"),
+        (1, "rope_freqs.weight", "Llama 3.1-style rope scaling"),
+        (1, "blk.0.attn_qkv.weight", "'blk.0.attn_qkv.weight' has no Llama equivalent"),
+    ],
+)
+def test_cli_refuses_what_it_cannot_convert_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], eos: int, extra_tensor: str | None, message: str
+) -> None:
+    source = tmp_path / "model.gguf"
+    _write_llama_gguf(source, eos, extra_tensor)
+    assert build_engines_main(["checkpoint", "--from-gguf", str(source), "--out", str(tmp_path / "out")]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_file_that_is_not_gguf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "weights.gguf"
+    source.write_bytes(b"PK\x03\x04 not a gguf file at all" * 10)
+    assert build_engines_main(["checkpoint", "--from-gguf", str(source), "--out", str(tmp_path / "out")]) == 1
+    assert "weights.gguf: not a readable GGUF file" in capsys.readouterr().err
+
+
+def _bpe_data(pre: str, token_types: list[int] | None = None) -> GGUFTokenizerData:
+    tokens = ["a", "b", "c", "ab", "abc"]
+    return GGUFTokenizerData(
+        model="gpt2", pre=pre, tokens=tokens, token_types=[1] * len(tokens) if token_types is None else token_types,
+        merges=["a b"], bos_id=None, add_bos=False,
+    )  # fmt: skip
+
+
+def test_llama3_vocabularies_take_whole_words_before_merges_as_llama_cpp_does() -> None:
+    # "abc" is in the vocabulary but no merge makes it: llama.cpp's llama3 pre-tokenizer (and Llama 3's
+    # tokenizer.json, "ignore_merges") takes it whole; byte-level BPE without that rule does not.
+    assert build_tokenizer(_bpe_data("llama-bpe")).encode("abc").tokens == ["abc"]
+    assert build_tokenizer(_bpe_data("gpt2")).encode("abc").tokens == ["ab", "c"]
+
+
+def test_a_file_without_a_pre_tokenizer_is_refused_and_token_types_are_optional() -> None:
+    with pytest.raises(CheckpointError, match="records no pre-tokenizer"):
+        build_tokenizer(_bpe_data("default"))
+    assert build_tokenizer(_bpe_data("gpt2", token_types=[])).encode("ab").tokens == ["ab"]
+    with pytest.raises(CheckpointError, match="2 token types for 5 tokens"):
+        build_tokenizer(_bpe_data("gpt2", token_types=[1, 1]))
