@@ -83,18 +83,23 @@ def repository_settings(plan: BuildPlan) -> RepositorySettings:
     )
 
 
+def _toml_string(value: str) -> str:
+    """A TOML basic string: JSON's escapes are TOML's (a quote in a model id, a backslash in a path)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
 def registry_entry(plan: BuildPlan, model_id: str, endpoint: str) -> str:
     """The gateway's [[models]] table for the built model (append it to the gateway's config file)."""
     context = plan.max_seq_len
     return (
         "[[models]]\n"
-        f'id = "{model_id}"\n'
+        f"id = {_toml_string(model_id)}\n"
         f'ensemble = "{t.ENSEMBLE}"\n'
         f'generation_model = "{plan.target.generation_model}"\n'
-        f'tokenizer_dir = "{plan.checkpoint.resolve()}"\n'
+        f"tokenizer_dir = {_toml_string(str(plan.checkpoint.resolve()))}\n"
         f"context_length = {context}\n"
         f"default_max_tokens = {min(512, context - 1)}\n"
-        f'endpoints = ["{endpoint}"]\n'
+        f"endpoints = [{_toml_string(endpoint)}]\n"
         f"accepts_images = {'true' if plan.model.accepts_images else 'false'}\n"
     ) + (lora_entry(plan.target) if plan.lora else "")
 
@@ -139,6 +144,8 @@ def build(
 ) -> BuildResult:
     target = catalog.get(target_name)
     out = out.resolve()
+    if dry_run:
+        _refuse_replacing_a_build(out)
     plan = plan_build(
         checkpoint.resolve(), target, catalog.container, out / "engines" / target.name, out / "work", lora=lora,
         calib_dataset=calib_dataset,
@@ -157,6 +164,20 @@ def build(
     manifest = out / MANIFEST_FILE
     manifest.write_text(json.dumps(_manifest(plan, gpu, dry_run), indent=2) + "\n")
     return BuildResult(plan=plan, repository=repository, registry_entry=entry, manifest=manifest)
+
+
+def _refuse_replacing_a_build(out: Path) -> None:
+    """A dry run renders a repository without engines: into a built one it would point the server at engines
+    that do not exist and drop the generation model that does."""
+    manifest = out / MANIFEST_FILE
+    if not manifest.is_file():
+        return
+    try:
+        built = json.loads(manifest.read_text()).get("dry_run") is False
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        built = True  # unreadable: assume it matters
+    if built:
+        raise BuildFailed(f"{out} holds a built repository ({manifest.name}); give a dry run another --out")
 
 
 def _manifest(plan: BuildPlan, gpu: dict[str, Any], dry_run: bool) -> dict[str, Any]:

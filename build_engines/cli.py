@@ -25,10 +25,12 @@ def _tiny(args: argparse.Namespace) -> Path:
 
 
 def _repository(args: argparse.Namespace) -> Path:
+    from build_engines.plan import read_checkpoint
     from build_engines.repository import RepositorySettings, render_repository
 
     if args.target != "cpu":
         raise EngineError(f"target {args.target!r} is not available yet; available: cpu")
+    read_checkpoint(args.checkpoint)
     return render_repository(RepositorySettings(checkpoint_dir=str(args.checkpoint.resolve())), args.out)
 
 
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         out = args.run(args)
-    except (EngineError, ValueError) as error:
+    except (EngineError, ValueError, OSError) as error:  # OSError: paths (a file given as --out, a full disk)
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(out)

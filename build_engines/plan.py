@@ -67,8 +67,8 @@ class BuildPlan:
         return "\n".join(lines)
 
 
-def validate_checkpoint(checkpoint: Path, target: Target) -> ModelConfig:
-    """The checkpoint's model facts, or a CheckpointError saying what is wrong (before any step runs)."""
+def read_checkpoint(checkpoint: Path) -> ModelConfig:
+    """The model facts of a checkpoint directory that has what serving it needs, or a CheckpointError."""
     if not checkpoint.is_dir():
         raise CheckpointError(f"{checkpoint}: no such checkpoint directory")
     for required in ("config.json", "tokenizer.json"):
@@ -76,7 +76,12 @@ def validate_checkpoint(checkpoint: Path, target: Target) -> ModelConfig:
             raise CheckpointError(f"{checkpoint}: {required} is missing")
     if not list(checkpoint.glob("*.safetensors")):
         raise CheckpointError(f"{checkpoint}: no *.safetensors weights")
-    model = ModelConfig.from_checkpoint(checkpoint)
+    return ModelConfig.from_checkpoint(checkpoint)
+
+
+def validate_checkpoint(checkpoint: Path, target: Target) -> ModelConfig:
+    """The checkpoint's model facts, or a CheckpointError saying what is wrong (before any step runs)."""
+    model = read_checkpoint(checkpoint)
     if target.is_gpu and model.architecture not in GPU_ARCHITECTURES:
         raise CheckpointError(f"architecture {model.architecture} has no TensorRT-LLM conversion here")
     if target.is_gpu and model.accepts_images and target.dtype != "float16":

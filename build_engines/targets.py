@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -37,7 +38,7 @@ class Target(BaseModel):
 
     name: str = ""
     gpu: str
-    compute_capability: str
+    compute_capability: str  # GPU targets: "major.minor", as nvidia-smi reports it
     generation_model: Literal["tensorrt_llm", "cpu_llm"]
     dtype: Literal["float16", "bfloat16", "float32"]
     quantization: Literal["none", "fp8", "int8_weight_only", "int4_weight_only"]
@@ -78,12 +79,20 @@ class Target(BaseModel):
     def _consistent(self) -> Target:
         if self.max_input_len > self.max_seq_len:
             raise ValueError(f"max_input_len ({self.max_input_len}) exceeds max_seq_len ({self.max_seq_len})")
+        if self.is_gpu and not re.fullmatch(r"\d+\.\d+", self.compute_capability):
+            raise ValueError(f'compute_capability {self.compute_capability!r} is not major.minor (e.g. "9.0")')
         if self.is_gpu and self.uses_fp8:
             major, minor = (int(p) for p in self.compute_capability.split("."))
             if (major, minor) < FP8_MIN_COMPUTE_CAPABILITY:
                 raise ValueError(
                     f"FP8 needs compute capability 8.9 or newer (Ada, Hopper); {self.gpu} is {self.compute_capability}"
                 )
+        if self.is_gpu and self.dtype == "float32":
+            # Image features and LoRA weights enter a GPU engine in its 16-bit type (the Python models and the
+            # gateway produce float16 or bfloat16), and a float32 engine serves at a fraction of the speed.
+            raise ValueError("GPU targets build float16 or bfloat16 engines, not float32")
+        if self.is_gpu and self.kv_cache_free_gpu_mem_fraction == 0.0:
+            raise ValueError("kv_cache_free_gpu_mem_fraction 0 leaves TensorRT-LLM no memory for the KV cache")
         if not self.is_gpu and (self.world_size != 1 or self.quantization != "none"):
             raise ValueError("the cpu target runs one unquantized engine (tp_size = pp_size = 1, quantization none)")
         return self

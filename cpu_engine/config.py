@@ -98,8 +98,23 @@ class ModelConfig:
         if not config_path.is_file():
             raise CheckpointError(f"{checkpoint_dir}: no config.json")
         generation_path = checkpoint_dir / "generation_config.json"
-        generation = json.loads(generation_path.read_text()) if generation_path.is_file() else None
-        return cls.from_dict(json.loads(config_path.read_text()), generation)
+        generation = _read_json(generation_path) if generation_path.is_file() else None
+        try:
+            return cls.from_dict(_read_json(config_path), generation)
+        except KeyError as missing:
+            raise CheckpointError(f"{config_path}: no {missing} (a key every model of this kind has)") from None
+        except (TypeError, ValueError, AttributeError) as error:
+            raise CheckpointError(f"{config_path}: a value has the wrong type ({error})") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return value
 
 
 def _id_list(value: int | list[int] | None) -> list[int]:

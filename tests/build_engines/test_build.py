@@ -162,6 +162,74 @@ def test_fp8_on_a_gpu_generation_without_it_is_refused(tmp_path: Path) -> None:
         load_targets(custom)
 
 
+_A100_TARGET = (
+    '\n[targets.mine]\ngpu = "A100"\ncompute_capability = "8.0"\ngeneration_model = "tensorrt_llm"\n'
+    'dtype = "bfloat16"\nquantization = "none"\nkv_cache_dtype = "auto"\ntp_size = 1\npp_size = 1\n'
+    "max_batch_size = 8\nmax_input_len = 1024\nmax_seq_len = 2048\nmax_num_tokens = 2048\n"
+    "kv_cache_free_gpu_mem_fraction = 0.9\nenable_chunked_context = true\nenable_kv_cache_reuse = false\n"
+    'batch_scheduler_policy = "guaranteed_no_evict"\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('dtype = "bfloat16"', 'dtype = "float32"'), "GPU targets build float16 or bfloat16 engines"),
+        (('compute_capability = "8.0"', 'compute_capability = "ampere"'), "'ampere' is not major.minor"),
+        (("fraction = 0.9", "fraction = 0.0"), "leaves TensorRT-LLM no memory for the KV cache"),
+    ],
+)
+def test_inconsistent_gpu_targets_are_refused(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    custom = tmp_path / "targets.toml"
+    custom.write_text(TARGETS_FILE.read_text() + _A100_TARGET)
+    assert load_targets(custom).get("mine").gpu == "A100"
+    custom.write_text(TARGETS_FILE.read_text() + _A100_TARGET.replace(*change))
+    with pytest.raises(TargetError, match=message):
+        load_targets(custom)
+
+
+def test_the_gateway_entry_is_valid_toml_for_any_model_id(tiny_long_context: Path, tmp_path: Path) -> None:
+    model_id = 'team "a" \\ model'
+    result = build(CATALOG, tiny_long_context, "a10g", tmp_path / "repo", dry_run=True, model_id=model_id)
+    entry = tomllib.loads(result.registry_entry.read_text())["models"][0]
+    assert entry["id"] == model_id and entry["tokenizer_dir"] == str(tiny_long_context.resolve())
+
+
+def test_a_dry_run_does_not_overwrite_a_built_repository(tiny_long_context: Path, tmp_path: Path) -> None:
+    from build_engines.build import BuildFailed
+
+    built = build(CATALOG, tiny_long_context, "cpu", tmp_path / "repo", dry_run=False, model_id="tiny")
+    before = {p: p.read_bytes() for p in built.repository.rglob("*") if p.is_file()}
+    with pytest.raises(BuildFailed, match="holds a built repository"):
+        build(CATALOG, tiny_long_context, "a10g", tmp_path / "repo", dry_run=True, model_id="tiny")
+    assert {p: p.read_bytes() for p in built.repository.rglob("*") if p.is_file()} == before
+    build(CATALOG, tiny_long_context, "a10g", tmp_path / "plan", dry_run=True, model_id="tiny")
+    build(CATALOG, tiny_long_context, "h100", tmp_path / "plan", dry_run=True, model_id="tiny")  # dry over dry
+
+
+def test_the_repository_command_wants_a_checkpoint_and_reports_path_errors(
+    tiny_long_context: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tokenizer_only = tmp_path / "tok"
+    tokenizer_only.mkdir()
+    (tokenizer_only / "tokenizer.json").write_bytes((tiny_long_context / "tokenizer.json").read_bytes())
+    assert build_engines_main(["repository", "--checkpoint", str(tokenizer_only), "--out", str(tmp_path / "r")]) == 1
+    assert "config.json is missing" in capsys.readouterr().err
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert build_engines_main(["repository", "--checkpoint", str(tiny_long_context), "--out", str(a_file)]) == 1
+    assert "error: " in capsys.readouterr().err
+    config = json.loads((tiny_long_context / "config.json").read_text())
+    del config["num_attention_heads"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("tokenizer.json", "model.safetensors"):
+        (broken / name).write_bytes((tiny_long_context / name).read_bytes())
+    (broken / "config.json").write_text(json.dumps(config))
+    assert build_engines_main(["repository", "--checkpoint", str(broken), "--out", str(tmp_path / "r")]) == 1
+    assert "config.json: no 'num_attention_heads'" in capsys.readouterr().err
+
+
 def test_a_user_can_add_a_target_without_code(tiny_long_context: Path, tmp_path: Path) -> None:
     custom = tmp_path / "targets.toml"
     custom.write_text(TARGETS_FILE.read_text().replace("[targets.a10g]", "[targets.my-a10g]"))
