@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from gateway.errors import DeadlineExceeded
 from gateway.ledger.records import UsageRecord
 from gateway.ledger.writer import LedgerWriter
 from gateway.metrics import GatewayMetrics
@@ -48,6 +49,13 @@ class RequestTrace:
         self.last_text_at = now
 
     @property
+    def billed_prompt_tokens(self) -> int:
+        """The prompt counts once the model answered, or when the client's own choice (leaving, its deadline)
+        ended a request handed to the model; not when the request failed before the model took it (503, 502)."""
+        answered = self.first_text_at is not None or self.finish_reason is not None
+        return self.prompt_tokens if answered or self.status in (CLIENT_CLOSED, DeadlineExceeded.status) else 0
+
+    @property
     def time_to_first_token_s(self) -> float | None:
         return None if self.first_text_at is None else self.first_text_at - self.arrived
 
@@ -68,7 +76,8 @@ class Accounting:
         itl = m.inter_token_latency.labels(label)
         for gap in trace._itl:
             itl.observe(gap)
-        m.prompt_tokens.labels(label).inc(trace.prompt_tokens)
+        prompt_tokens = trace.billed_prompt_tokens
+        m.prompt_tokens.labels(label).inc(prompt_tokens)
         m.completion_tokens.labels(label).inc(trace.completion_tokens)
         ttft_ms = None if ttft is None else round(ttft * 1000, 3)
         if self.ledger is not None:
@@ -79,7 +88,7 @@ class Accounting:
                     account_id=trace.account_id,
                     api_key_id=trace.api_key_id,
                     model=model,
-                    prompt_tokens=trace.prompt_tokens,
+                    prompt_tokens=prompt_tokens,
                     completion_tokens=trace.completion_tokens,
                     finish_reason=trace.finish_reason,
                     status=trace.status,
@@ -97,7 +106,7 @@ class Accounting:
                 "stream": trace.stream,
                 "status": trace.status,
                 "finish_reason": trace.finish_reason,
-                "prompt_tokens": trace.prompt_tokens,
+                "prompt_tokens": prompt_tokens,
                 "completion_tokens": trace.completion_tokens,
                 "queue_wait_ms": round(trace.queue_wait_s * 1000, 3),
                 "time_to_first_token_ms": ttft_ms,

@@ -83,8 +83,11 @@ class Authenticator:
         return Caller(key_id=found.id, accounts=frozenset(found.accounts))
 
 
-def resolve_account(request: web.Request, body_account: str | None, require_account: bool) -> str | None:
-    """The account of a request, from the body's `account_id` or the `x-selected-account-id` header."""
+def resolve_account(
+    request: web.Request, body_account: str | None, require_account: bool, caller: Caller
+) -> str | None:
+    """The account of a request, from the body's `account_id` or the `x-selected-account-id` header; a key
+    restricted to one account uses it when the request names none."""
     header = request.headers.get(ACCOUNT_HEADER) or None
     body_account = body_account or None  # an empty account is no account, in the body as in the header
     if header is not None and not is_text(header):
@@ -95,8 +98,20 @@ def resolve_account(request: web.Request, body_account: str | None, require_acco
             param="account_id",
         )
     account = body_account if body_account is not None else header
-    if account is None and require_account:
+    if account is not None:
+        caller.check_account(account)
+        return account
+    if ALL_ACCOUNTS not in caller.accounts:
+        # A restricted key's usage belongs to its accounts (limits, usage reports): never to no account.
+        if len(caller.accounts) == 1:
+            return next(iter(caller.accounts))
+        raise InvalidRequest(
+            f"this API key acts for several accounts ({', '.join(sorted(caller.accounts))}): name one in account_id "
+            f"or the {ACCOUNT_HEADER} header",
+            param="account_id",
+        )
+    if require_account:
         raise InvalidRequest(
             f"an account is required: send account_id in the body or the {ACCOUNT_HEADER} header", param="account_id"
         )
-    return account
+    return None

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 from tritonclient.grpc.service_pb2 import ModelInferRequest
 
-from gateway.errors import AdapterNotCached, InferenceFailed, InvalidRequest, ModelUnhealthy, ReplicaFailure
+from gateway.errors import (
+    AdapterNotCached,
+    InferenceFailed,
+    InvalidRequest,
+    ModelNotFound,
+    ModelUnhealthy,
+    ReplicaFailure,
+)
 from gateway.images import Image, ImagePolicy, load_images
 from gateway.registry import ResolvedModel, ServedModel
 from gateway.schema import CompletionRequest, FinishReason, TokenUsage
@@ -161,7 +168,11 @@ async def _request_for(
     """The ensemble request for this replica: an adapter's weights go along unless it has them cached."""
     tensors = None
     if plan.lora is not None and plan.lora.task_id not in endpoint.lora_tasks:
-        tensors = await asyncio.to_thread(plan.lora.load_tensors)
+        try:
+            tensors = await asyncio.to_thread(plan.lora.load_tensors)
+        except FileNotFoundError:
+            # Removed (admin API) while this request waited for its slot: as if it had arrived afterwards.
+            raise ModelNotFound(f"model '{plan.lora.model_id}' is not served here", param="model") from None
     return ensemble_request(model.entry.ensemble, triton_id, plan, tensors)
 
 

@@ -56,6 +56,9 @@ class GatewayMetrics:
             "gateway_ledger_write_failures", "Failed usage-ledger batch writes (retried)", registry=r
         )
         self.ledger_dropped = Counter("gateway_ledger_rows_dropped", "Usage rows dropped: queue full", registry=r)
+        self.ledger_refused = Counter(
+            "gateway_ledger_rows_refused", "Usage rows the database refused (logged in full, not retried)", registry=r
+        )
         self.ledger_cpu_seconds = Counter(
             "gateway_ledger_cpu_seconds",
             "CPU time the usage ledger's write path spent in the gateway (queueing, rows, inserts)",

@@ -103,7 +103,7 @@ class ModelRegistry:
         load = functools.partial(adapter.tensors, self.adapters.root)
         base = self.models[adapter.base_model]
         dtype = base.entry.lora.weights_dtype if base.entry.lora is not None else "float16"
-        return ResolvedModel(base, adapter, LoraRequest(adapter.task_id, load, dtype))
+        return ResolvedModel(base, adapter, LoraRequest(adapter.task_id, load, dtype, model_id=adapter.id))
 
     def custom_models(self) -> dict[str, StoredAdapter]:
         """The registered custom models, re-read when the store changed (one stat per call otherwise)."""

@@ -28,6 +28,7 @@ class LoraRequest:
     task_id: int
     load_tensors: Callable[[], LoraTensors]
     weights_dtype: str = "float16"  # the engine's: "float16" or "bfloat16"
+    model_id: str = ""  # the custom model's id, for errors
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,9 @@ async def get_usage(request: web.Request) -> web.Response:
         raise InvalidRequest("to must be later than from", param="to")
     accounts = None if ALL_ACCOUNTS in caller.accounts else caller.accounts
     query = UsageQuery(start, end, group_by, account, accounts)
-    await ledger.flush(FLUSH_TIMEOUT_S)
+    if not await ledger.flush(FLUSH_TIMEOUT_S):
+        # Totals without the rows still queued would be wrong, and nothing in a 200 would say so.
+        raise UpstreamUnavailable("the usage ledger's database is not taking rows; totals would be incomplete")
     try:
         totals = await database.run(lambda: database.usage(query))
     except Exception as error:

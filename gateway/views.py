@@ -108,9 +108,7 @@ async def _create_completion(request: web.Request) -> web.StreamResponse:
     caller = app[AUTHENTICATOR].authenticate(request)  # 401 before the body is read
     body = await _read_request(request)
     settings = app[SETTINGS]
-    account = resolve_account(request, body.account_id, settings.require_account)
-    if account is not None:
-        caller.check_account(account)
+    account = resolve_account(request, body.account_id, settings.require_account, caller)
     request_id = request[REQUEST_ID]
     trace = RequestTrace(request_id, body.model, account, caller.key_id, body.stream)
     try:
@@ -149,7 +147,8 @@ async def _complete(request: web.Request, body: CompletionRequest, trace: Reques
         async with model.admission.slot(trace.account_id, deadline):
             queued.dec()
             waiting = False
-            # Usage counts the prompt from here: a request refused or timed out in the queue processed none of it.
+            # The prompt is the model's from here (a request refused or timed out in the queue processed none of
+            # it); usage counts it once the model answers (RequestTrace.billed_prompt_tokens).
             trace.prompt_tokens = plan.prompt_tokens
             trace.queue_wait_s = time.perf_counter() - trace.arrived
             metrics.queue_wait.labels(resolved.id).observe(trace.queue_wait_s)

@@ -66,6 +66,11 @@ class LedgerDatabase(ABC):
     @abstractmethod
     def _run_script(self, connection: Any, script: str) -> None: ...
 
+    @abstractmethod
+    def refuses_rows(self, error: Exception) -> bool:
+        """The database refused the rows themselves (a value it cannot store): retrying cannot help, unlike
+        an error of the connection or of the server."""
+
     async def run(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, work)
 
@@ -86,7 +91,12 @@ class LedgerDatabase(ABC):
 
     def _disconnect(self) -> None:
         if self._connection is not None:
-            with contextlib.suppress(Exception):  # a dead connection may fail to close; it is gone either way
+            # A dead connection may fail to roll back or close; it is gone either way. A live one rolls back
+            # first: SQLite keeps a failed statement's transaction (and its write lock) open otherwise, for as
+            # long as the error's traceback holds the cursor.
+            with contextlib.suppress(Exception):
+                self._connection.rollback()
+            with contextlib.suppress(Exception):
                 self._connection.close()
             self._connection = None
 
@@ -191,6 +201,10 @@ class SQLiteLedger(LedgerDatabase):
     def _run_script(self, connection: Any, script: str) -> None:
         connection.executescript(script)
 
+    def refuses_rows(self, error: Exception) -> bool:
+        # OverflowError: an integer past SQLite's 64 bits, refused while binding the row.
+        return isinstance(error, (sqlite3.DataError, sqlite3.IntegrityError, OverflowError))
+
 
 class PostgresLedger(LedgerDatabase):
     placeholder = "%s"
@@ -215,6 +229,12 @@ class PostgresLedger(LedgerDatabase):
     def _run_script(self, connection: Any, script: str) -> None:
         connection.execute(script)
         connection.commit()
+
+    def refuses_rows(self, error: Exception) -> bool:
+        from psycopg import errors
+
+        # SQLSTATE classes 22 (data exception), 23 (integrity) and 54 (program limit, e.g. an index row too big).
+        return isinstance(error, (errors.DataError, errors.IntegrityError, errors.ProgramLimitExceeded))
 
 
 def open_ledger_database(dsn: str | None, data_dir: Path) -> LedgerDatabase:

@@ -46,9 +46,16 @@ class UsageRecord:
         return tuple(self.day if name == "day" else _storable(getattr(self, name)) for name in COLUMNS)
 
 
+# Longer text is cut: PostgreSQL refuses index entries past ~2.7 kB, and no id or model name is that long.
+MAX_TEXT_CHARS = 512
+
+
 def _storable(value: object) -> object:
-    """Text the databases accept: a string that is not valid Unicode (an unpaired surrogate, e.g. from a header
-    that was not UTF-8) gets "?" in its place, so one odd value can never block every later row."""
-    if isinstance(value, str) and not value.isascii():
-        return value.encode("utf-8", "replace").decode("utf-8")
-    return value
+    """Text every database accepts, so that one odd value can never block every later row: a string that is not
+    valid Unicode (an unpaired surrogate, e.g. from a header that was not UTF-8) gets "?" in its place, NUL
+    (which PostgreSQL text cannot hold) U+FFFD, and it is cut to MAX_TEXT_CHARS."""
+    if not isinstance(value, str):
+        return value
+    if not value.isascii():
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value.replace("\x00", "\ufffd")[:MAX_TEXT_CHARS]

@@ -4,10 +4,12 @@ real gateway and the session's real Triton."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,10 @@ import pytest
 import scale_gp
 
 from gateway.auth import hash_key
+from gateway.ledger.databases import LedgerDatabase, open_ledger_database
 from gateway.ledger.records import UsageRecord
+from gateway.ledger.writer import LedgerWriter
+from gateway.metrics import GatewayMetrics
 from gateway.settings import ApiKey
 from tests.gateway.conftest import MODEL, GatewayThread, RunningGateway, gateway_settings, model_entry, raw_post
 from tests.postgres_server import PostgresServer, PostgresUnavailable
@@ -87,6 +92,8 @@ def keyed_gateway(reference_checkpoint: Path, reference_triton: EmbeddedTriton) 
         ({"x-api-key": "key-a", "x-selected-account-id": "acct-2"}, None, 200, None, None),
         ({"x-api-key": "key-a", "x-selected-account-id": "acct-2"}, "acct-2", 200, None, None),
         ({"x-api-key": "key-admin"}, "anyone", 200, None, None),
+        # A key for several accounts must name one; a key for one account acts for it (next test).
+        ({"x-api-key": "key-a"}, None, 400, "invalid_request", "acts for several accounts (acct-1, acct-2)"),
     ],
 )
 def test_keys_and_accounts(
@@ -108,6 +115,46 @@ def test_the_sdk_sends_its_key_and_account(keyed_gateway: RunningGateway) -> Non
     foreign = scale_gp.SGPClient(base_url=keyed_gateway.url, api_key="key-b", account_id="acct-1", max_retries=0)
     with foreign as client, pytest.raises(scale_gp.PermissionDeniedError):
         client.completions.create(model=MODEL, prompt="Hello")
+
+
+def test_a_key_for_one_account_acts_for_it_when_none_is_named(
+    reference_checkpoint: Path, reference_triton: EmbeddedTriton, tmp_path: Path
+) -> None:
+    settings = _settings(reference_checkpoint, reference_triton, api_keys=API_KEYS, require_account=True)
+    with GatewayThread(settings) as running:
+        status, _, _ = _run(_one(running.url, _body(None), {"x-api-key": "key-b", "x-request-id": "no-account"}))
+        usage_status, usage = _run(_usage(running.url, "key-b"))
+        rows = [r for r in _stored_rows(running) if r["request_id"] == "no-account"]
+    assert status == 200 and [r["account_id"] for r in rows] == ["acct-3"]
+    assert usage_status == 200 and usage["totals"]["requests"] == 1  # the key sees its own usage
+
+
+def test_prompt_tokens_count_only_for_requests_the_model_took(reference_checkpoint: Path) -> None:
+    down = model_entry(reference_checkpoint, "127.0.0.1:9")  # nothing listens there
+    with GatewayThread(gateway_settings([down], api_keys=API_KEYS)) as running:
+        answers = [_run(_one(running.url, _body("acct-1"), {"x-api-key": "key-a"}))[0] for _ in range(2)]
+        usage_status, usage = _run(_usage(running.url, "key-admin"))
+    assert answers == [503, 503]
+    assert usage_status == 200 and usage["totals"]["requests"] == 2 and usage["totals"]["prompt_tokens"] == 0
+
+
+def test_usage_is_503_not_incomplete_totals_while_the_ledger_cannot_write(
+    reference_checkpoint: Path, reference_triton: EmbeddedTriton
+) -> None:
+    settings = _settings(reference_checkpoint, reference_triton, api_keys=API_KEYS, ledger_retry_s=0.2)
+    with GatewayThread(settings) as running:
+        assert _run(_usage(running.url, "key-admin"))[0] == 200  # a fresh ledger answers before any completion
+        lock = sqlite3.connect(running.settings.data_dir / "ledger.sqlite3", isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            assert _run(_one(running.url, _body("acct-1"), {"x-api-key": "key-a"}))[0] == 200
+            status, body = _run(_usage(running.url, "key-admin"))
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        after_status, after = _run(_usage(running.url, "key-admin"))
+    assert status == 503 and "totals would be incomplete" in body["error"]["message"]
+    assert after_status == 200 and after["totals"]["requests"] == 1
 
 
 def test_require_account_makes_it_mandatory(reference_checkpoint: Path, reference_triton: EmbeddedTriton) -> None:
@@ -284,6 +331,97 @@ def test_a_database_outage_during_load_loses_no_rows(
     assert failures > 0  # the outage was real: writes failed and were retried
     assert len(rows) == 30 and {r["request_id"] for r in rows} == set(answers)
     assert status == 200 and usage["totals"]["requests"] >= 33
+
+
+def _ledger_database(backend: str, request: pytest.FixtureRequest, data_dir: Path) -> LedgerDatabase:
+    dsn = request.getfixturevalue("postgres").dsn if backend == "postgresql" else None
+    return open_ledger_database(dsn, data_dir)
+
+
+def _record(request_id: str, **changes: Any) -> UsageRecord:
+    fields: dict[str, Any] = {"created_at": time.time(), "request_id": request_id, "account_id": "acct-1",
+                              "api_key_id": "a", "model": "m", "prompt_tokens": 3, "completion_tokens": 4,
+                              "finish_reason": "stop", "status": 200, "time_to_first_token_ms": 1.0,
+                              "duration_ms": 2.0}  # fmt: skip
+    return UsageRecord(**(fields | changes))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_rows_the_database_cannot_store_never_block_the_others(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    rows = [
+        _record(f"{tag}-nul", model="gpt\x00", account_id="a\x00b"),  # PostgreSQL text cannot hold NUL
+        _record(f"{tag}-long", account_id="x" * 9000),  # past PostgreSQL's index entry limit
+        _record(f"{tag}-huge", prompt_tokens=2**63),  # no database column holds it: refused, set aside
+        _record(f"{tag}-fine"),
+    ]
+
+    async def write() -> tuple[bool, list[dict[str, object]], float]:
+        metrics = GatewayMetrics()
+        writer = LedgerWriter(_ledger_database(backend, request, tmp_path), metrics, tmp_path / "spill", retry_s=0.1)
+        await writer.start()
+        for row in rows:
+            writer.record(row)
+        flushed = await writer.flush(10)
+        stored = await writer.database.run(writer.database.rows)
+        await writer.close()
+        return flushed, stored, metrics.ledger_refused._value.get()
+
+    flushed, stored, refused = _run(write())
+    ours = {str(r["request_id"]): r for r in stored if str(r["request_id"]).startswith(tag)}
+    assert flushed and refused == 1
+    assert set(ours) == {f"{tag}-nul", f"{tag}-long", f"{tag}-fine"}
+    assert ours[f"{tag}-nul"]["model"] == "gpt\ufffd" and len(str(ours[f"{tag}-long"]["account_id"])) == 512
+
+
+def test_a_damaged_spill_file_never_stops_a_start_and_goes_once_its_rows_are_stored(tmp_path: Path) -> None:
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    good = _record("spilled-1")
+    cut = json.dumps(dataclasses.asdict(_record("spilled-2")))[:40]  # a file cut by a crash outside the gateway
+    spill = spill_dir / "ledger-spill-1.jsonl"
+    spill.write_text(json.dumps(dataclasses.asdict(good)) + "\n" + cut)
+
+    async def start() -> tuple[list[dict[str, object]], bool]:
+        writer = LedgerWriter(open_ledger_database(None, tmp_path), GatewayMetrics(), spill_dir, retry_s=0.1)
+        await writer.start()
+        await writer.flush(10)
+        await asyncio.sleep(0.1)  # the file is removed after the rows are stored
+        stored, kept = await writer.database.run(writer.database.rows), spill.exists()
+        await writer.close()
+        return stored, kept
+
+    stored, kept = _run(start())
+    assert [r["request_id"] for r in stored] == ["spilled-1"] and not kept
+
+
+def test_rows_that_outlive_the_database_are_spilled_whole_and_stored_at_the_next_start(tmp_path: Path) -> None:
+    spill_dir = tmp_path / "spill"
+
+    async def outage() -> None:
+        lock = sqlite3.connect(tmp_path / "ledger.sqlite3", isolation_level=None)
+        lock.execute("CREATE TABLE IF NOT EXISTS hold (x INTEGER)")
+        lock.execute("BEGIN EXCLUSIVE")
+        writer = LedgerWriter(open_ledger_database(None, tmp_path), GatewayMetrics(), spill_dir, retry_s=0.1)
+        await writer.start()
+        writer.record(_record("while-down"))
+        await writer.close(timeout_s=0.5)
+        lock.execute("ROLLBACK")
+        lock.close()
+
+    async def restart() -> list[dict[str, object]]:
+        writer = LedgerWriter(open_ledger_database(None, tmp_path), GatewayMetrics(), spill_dir, retry_s=0.1)
+        await writer.start()
+        await writer.flush(10)
+        await writer.close()
+        return await asyncio.to_thread(open_ledger_database(None, tmp_path).rows)
+
+    _run(outage())
+    assert [p.name.startswith("ledger-spill-") for p in spill_dir.iterdir()] == [True]  # whole: no partial file
+    assert [r["request_id"] for r in _run(restart())] == ["while-down"]
+    assert list(spill_dir.iterdir()) == []
 
 
 class _Outage:

@@ -20,7 +20,13 @@ from tokenizers import Tokenizer
 from build_engines.repository import RepositorySettings, render_repository
 from build_engines.tiny_checkpoints import TokenizerStyle
 from gateway.auth import hash_key
+from gateway.completions import _request_for
+from gateway.errors import ModelNotFound
+from gateway.registry import ModelRegistry
+from gateway.replicas import EndpointDirectory
 from gateway.settings import GatewaySettings, LoraSettings
+from gateway.triton_channel import TritonEndpoint
+from gateway.triton_translation import GenerationPlan
 from tests.conftest import SESSION_LORA_MAX_RANK
 from tests.gateway.conftest import MODEL, GatewayThread, RunningGateway, gateway_settings, model_entry
 from tests.hf_reference import hf_greedy
@@ -234,6 +240,29 @@ def test_the_admin_api_registers_lists_and_removes_custom_models(
     assert "ft-removed" not in _store_entries(gateway.settings)
     status, body = asyncio.run(_admin(gateway.url, "DELETE", "/v4/admin/adapters/ft-removed"))
     assert status == 404
+
+
+def test_a_custom_model_removed_while_its_request_waits_for_a_slot_is_a_404(
+    gateway: RunningGateway, adapters: dict[str, Path]
+) -> None:
+    assert _register(gateway.url, "ft-race", adapters["a1"])[0] == 201
+
+    async def race() -> None:
+        registry = ModelRegistry.load(gateway.settings, EndpointDirectory())
+        resolved = registry.resolve("ft-race")  # the request resolved its model and waits for a slot; meanwhile:
+        assert (await _admin(gateway.url, "DELETE", "/v4/admin/adapters/ft-race"))[0] == 200
+        plan = GenerationPlan(
+            prompt="Hi", prompt_tokens=1, max_tokens=1, temperature=0.0, top_k=None, top_p=None,
+            presence_penalty=0.0, frequency_penalty=0.0, stop_sequences=(), lora=resolved.lora,
+        )  # fmt: skip
+        endpoint = TritonEndpoint("127.0.0.1:9")  # never reached: the request ends before it is sent
+        try:
+            await _request_for(endpoint, resolved.base, "race", plan)
+        finally:
+            await endpoint.close()
+
+    with pytest.raises(ModelNotFound, match="model 'ft-race' is not served here"):  # a 404, not a 500
+        asyncio.run(race())
 
 
 def test_requests_for_two_adapters_and_the_base_model_share_batches_and_each_equal_their_solo_result(
