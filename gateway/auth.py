@@ -18,6 +18,7 @@ from gateway.settings import ALL_ACCOUNTS, ApiKey
 
 API_KEY_HEADER = "x-api-key"
 ACCOUNT_HEADER = "x-selected-account-id"
+MAX_ACCOUNT_ID_CHARS = 256  # ids are stored, indexed and shown in usage reports
 
 
 def hash_key(key: str) -> str:
@@ -99,6 +100,9 @@ def resolve_account(
         )
     account = body_account if body_account is not None else header
     if account is not None:
+        param = "account_id" if body_account is not None else ACCOUNT_HEADER
+        if len(account) > MAX_ACCOUNT_ID_CHARS or not account.isprintable():
+            raise InvalidRequest(f"an account id is at most {MAX_ACCOUNT_ID_CHARS} printable characters", param=param)
         caller.check_account(account)
         return account
     if ALL_ACCOUNTS not in caller.accounts:

@@ -94,6 +94,8 @@ def keyed_gateway(reference_checkpoint: Path, reference_triton: EmbeddedTriton) 
         ({"x-api-key": "key-admin"}, "anyone", 200, None, None),
         # A key for several accounts must name one; a key for one account acts for it (next test).
         ({"x-api-key": "key-a"}, None, 400, "invalid_request", "acts for several accounts (acct-1, acct-2)"),
+        ({"x-api-key": "key-admin"}, "a\x00b", 400, "invalid_request", "at most 256 printable characters"),
+        ({"x-api-key": "key-admin"}, "x" * 257, 400, "invalid_request", "at most 256 printable characters"),
     ],
 )
 def test_keys_and_accounts(
