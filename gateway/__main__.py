@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from gateway import auth
-from gateway.app import init_app, start_site
+from gateway.app import CANCELLED_REQUESTS_GRACE_S, init_app, start_site
 from gateway.logs import configure_logging
 from gateway.settings import GatewaySettings
 from gateway.state import LIFECYCLE
@@ -21,16 +21,30 @@ log = logging.getLogger("gateway")
 async def _serve_until_signal(settings: GatewaySettings, banner: str) -> None:
     app = init_app(settings)
     runner = await start_site(app, settings.host, settings.port)
-    stop = asyncio.Event()
+    stop, force = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second Ctrl-C: do not wait for the drain
+            force.set()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     print(banner, flush=True)
     await stop.wait()
     lifecycle = app[LIFECYCLE]
     log.info("shutting down: draining %d request(s), up to %g s", lifecycle.in_flight, settings.drain_timeout_s)
-    if not await lifecycle.drain(settings.drain_timeout_s):
-        log.warning("drain timeout: %d request(s) still running are cancelled", lifecycle.in_flight)
+    drain = asyncio.ensure_future(lifecycle.drain(settings.drain_timeout_s))
+    forced = asyncio.ensure_future(force.wait())
+    await asyncio.wait({drain, forced}, return_when=asyncio.FIRST_COMPLETED)
+    forced.cancel()
+    if not drain.done() or not drain.result():
+        drain.cancel()
+        log.warning("%s: %d request(s) still running are ended (503)",
+                    "second signal" if force.is_set() else "drain timeout", lifecycle.in_flight)  # fmt: skip
+        lifecycle.end_remaining()
+        await lifecycle.wait_idle(CANCELLED_REQUESTS_GRACE_S)
     await runner.cleanup()
     log.info("stopped")
 

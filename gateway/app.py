@@ -65,7 +65,7 @@ async def _usage_ledger(app: web.Application) -> AsyncIterator[None]:
     writer = LedgerWriter(
         database,
         app[METRICS],
-        spill_dir=settings.data_dir,
+        spill_dir=settings.ledger_spill,
         batch_size=settings.ledger_batch_size,
         flush_interval_s=settings.ledger_flush_interval_s,
         queue_size=settings.ledger_queue_size,
@@ -105,9 +105,15 @@ def init_app(settings: GatewaySettings) -> web.Application:
     return app
 
 
+CANCELLED_REQUESTS_GRACE_S = 2.0
+
+
 async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
     # handler_cancellation: a client that disconnects cancels its handler, which ends its generation.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # shutdown_timeout: by the time the runner stops, the lifecycle's drain (drain_timeout_s) has waited for the
+    # requests in flight; those still running are cancelled and get this long to record their usage and stop
+    # their generation (aiohttp's default, 60 s, came on top of the drain).
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=CANCELLED_REQUESTS_GRACE_S)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner

@@ -114,6 +114,9 @@ class GatewaySettings(BaseSettings):
     ledger_flush_interval_s: Annotated[float, Field(gt=0)] = 0.5
     ledger_queue_size: Annotated[int, Field(ge=1)] = 100_000
     ledger_retry_s: Annotated[float, Field(gt=0)] = 1.0
+    # Rows the database could not take by shutdown, for the next start (default data_dir). Several gateways may
+    # share it (any of them stores a file's rows; stored rows are never stored twice).
+    ledger_spill_dir: Path | None = None
 
     log_format: Literal["json", "text"] = "json"
 
@@ -143,6 +146,10 @@ class GatewaySettings(BaseSettings):
     @property
     def adapter_store(self) -> Path:
         return self.adapter_store_dir or self.data_dir / "adapters"
+
+    @property
+    def ledger_spill(self) -> Path:
+        return self.ledger_spill_dir or self.data_dir
 
     @model_validator(mode="after")
     def _unique_ids(self) -> GatewaySettings:

@@ -25,6 +25,7 @@ from gateway.headers import (
     REQUEST_TIMEOUT_HEADER,
     TTFT_HEADER,
 )
+from gateway.lifecycle import shutting_down
 from gateway.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from gateway.openapi import openapi_document
 from gateway.schema import Completion, CompletionRequest, CompletionResponse, ModelList
@@ -116,7 +117,11 @@ async def _create_completion(request: web.Request) -> web.StreamResponse:
     except GatewayError as error:
         trace.status, trace.error = error.status, error.type
         raise
-    except (asyncio.CancelledError, ConnectionResetError):
+    except (asyncio.CancelledError, ConnectionResetError) as error:
+        if isinstance(error, asyncio.CancelledError) and app[LIFECYCLE].ended_by_shutdown():
+            failure = shutting_down()  # ended before its answer started: a plain 503
+            trace.status, trace.error = failure.status, failure.type
+            raise failure from None
         if trace.error is None:
             trace.status, trace.error = CLIENT_CLOSED, "client_closed"
         raise
@@ -272,6 +277,10 @@ async def _stream(
         failure = error
     except TimeoutError:
         failure = _deadline(timeout_s)
+    except asyncio.CancelledError:
+        if not request.app[LIFECYCLE].ended_by_shutdown():
+            raise
+        failure = shutting_down()
     if failure is not None:
         # The status line went out as 200; the error travels as an event, and the trace records it.
         trace.status, trace.error = failure.status, failure.type

@@ -61,11 +61,14 @@ def test_environment_overrides_the_config_file(reference_checkpoint: Path, tmp_p
     config = tmp_path / "gateway.toml"
     config.write_text(f'port = 1234\n[[models]]\nid = "m"\ntokenizer_dir = "{reference_checkpoint}"\n'
                       'context_length = 8\nendpoints = ["x:1"]\n')  # fmt: skip
+    assert GatewaySettings.from_file(config).ledger_spill == GatewaySettings.from_file(config).data_dir
     os.environ["GATEWAY_PORT"] = "4321"
+    os.environ["GATEWAY_LEDGER_SPILL_DIR"] = "/spill"  # the Kubernetes deployment's shared volume
     try:
-        assert GatewaySettings.from_file(config).port == 4321
+        settings = GatewaySettings.from_file(config)
+        assert settings.port == 4321 and settings.ledger_spill == Path("/spill")
     finally:
-        del os.environ["GATEWAY_PORT"]
+        del os.environ["GATEWAY_PORT"], os.environ["GATEWAY_LEDGER_SPILL_DIR"]
     assert GatewaySettings.from_file(config).port == 1234
 
 

@@ -202,3 +202,52 @@ def test_sigterm_drains_in_flight_streams_and_records_their_usage(
         "check": "gateway SIGTERM mid-load (drain)", "faults injected": 1, "streams affected": 0,
         "errors seen by clients": "0 (new requests: 503)", "recovery": "exit 0 after 4 streams finished, 4 rows",
     })  # fmt: skip
+
+
+def test_sigterm_cancels_what_outlasts_the_drain_timeout_and_exits_soon_after(
+    reference_triton: EmbeddedTriton, reference_checkpoint: Path, tmp_path: Path, report: dict[str, Any]
+) -> None:
+    import sqlite3
+
+    from gateway.app import CANCELLED_REQUESTS_GRACE_S
+    from tests.gateway_process import model_table, serve, wait_ready, write_config
+    from triton_models.launcher import free_port
+
+    drain_s = 1.0
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    model = model_table(MODEL, reference_checkpoint, [reference_triton.grpc_url])
+    config = write_config(tmp_path / "gateway.toml", port, tmp_path / "data", [model], drain_timeout_s=drain_s)
+    process = serve(config, stderr=subprocess.DEVNULL)
+    body = {"model": MODEL, "prompt": "Once upon a time", "model_parameters": {"max_tokens": 2000, "temperature": 0}}
+
+    async def scenario() -> tuple[dict, float]:
+        async with aiohttp.ClientSession() as session:
+            started = asyncio.Event()
+            stream = asyncio.create_task(_stream(session, url, body, started))  # minutes of generation
+            await asyncio.wait_for(started.wait(), 60)
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            await asyncio.to_thread(process.wait, 60)
+            exited_after = time.monotonic() - signalled
+            return await stream, exited_after
+
+    try:
+        wait_ready(url, process, 30)
+        result, exited_after = asyncio.run(scenario())
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0
+    # The drain, the cancelled request's grace and the ledger's flush; aiohttp's own 60 s wait no longer adds up.
+    assert exited_after < drain_s + CANCELLED_REQUESTS_GRACE_S + 5, exited_after
+    assert result["final"] is None  # cut short, and told why: an error event, then the stream's proper end
+    assert result["error"]["status"] == 503 and "shutting down" in result["error"]["message"]
+    with sqlite3.connect(tmp_path / "data" / "ledger.sqlite3") as ledger:
+        rows = ledger.execute("SELECT status, completion_tokens FROM usage_records").fetchall()
+    assert len(rows) == 1 and rows[0][0] == 503 and 0 < rows[0][1] < 2000  # recorded, with the tokens it got
+    report.update({
+        "check": "gateway SIGTERM, a stream outlasting the drain", "faults injected": 1, "streams affected": 1,
+        "errors seen by clients": "1 SSE error event (503)", "recovery": f"exit 0 {exited_after:.1f} s after SIGTERM",
+    })  # fmt: skip
