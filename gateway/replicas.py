@@ -76,6 +76,7 @@ class ReplicaPool:
     directory: EndpointDirectory
     replicas: dict[str, Replica] = field(default_factory=dict)
     _rotation: itertools.count[int] = field(default_factory=itertools.count)
+    _resolved: dict[str, list[str]] = field(default_factory=dict)  # each DNS name's last addresses
 
     def __post_init__(self) -> None:
         if self.entry.discovery == "static":
@@ -150,18 +151,25 @@ class ReplicaPool:
     # ---- discovery -------------------------------------------------------------------------------
 
     async def discover(self) -> None:
-        """Re-resolve the configured names; replicas that vanished from DNS are dropped (in-flight ones finish)."""
+        """Re-resolve the configured names; replicas that vanished from DNS are dropped (in-flight ones finish).
+        A name that fails to resolve keeps its last addresses: a DNS hiccup is not every replica leaving."""
         addresses: list[str] = []
         for target in self.entry.endpoints:
             host, _, port = target.rpartition(":")
             try:
                 infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
             except OSError as error:
-                log.warning("model %s: cannot resolve %s: %s", self.entry.id, target, error)
+                kept = self._resolved.get(target, [])
+                log.warning("model %s: cannot resolve %s: %s (keeping %d address(es))", self.entry.id, target,
+                            error, len(kept))  # fmt: skip
+                addresses += kept
                 continue
+            found = []
             for family, _, _, _, sockaddr in infos:
                 ip = str(sockaddr[0])
-                addresses.append(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
+                found.append(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
+            self._resolved[target] = found
+            addresses += found
         if set(addresses) != set(self.replicas):
             log.info("model %s: replicas from DNS: %s", self.entry.id, sorted(set(addresses)) or "(none)")
         self._set_addresses(addresses)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -225,6 +226,30 @@ def test_dns_discovery_finds_the_replicas_behind_a_name(
     # Whatever else "localhost" resolves to (::1 here, where Triton does not listen) is tried and marked down.
     replicas = ready["replicas"][MODEL]
     assert all(state["ready"] == (address == f"127.0.0.1:{port}") for address, state in replicas.items())
+
+
+def test_a_failed_dns_lookup_keeps_the_replicas_it_found_before(reference_checkpoint: Path) -> None:
+    entry = model_entry(reference_checkpoint, "localhost:8001").model_copy(update={"discovery": "dns"})
+
+    async def run() -> tuple[set[str], set[str]]:
+        directory = EndpointDirectory()
+        pool = ReplicaPool(entry, directory)
+        try:
+            await pool.discover()
+            found = set(pool.replicas)
+            loop = asyncio.get_running_loop()
+
+            async def failing(*_: object, **__: object) -> None:
+                raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+            loop.getaddrinfo = failing  # type: ignore[method-assign,assignment]  # a DNS outage, injected
+            await pool.discover()
+            return found, set(pool.replicas)
+        finally:
+            await directory.close()
+
+    found, after_failure = asyncio.run(run())
+    assert "127.0.0.1:8001" in found and after_failure == found
 
 
 def test_a_health_check_in_flight_does_not_undo_a_replica_marked_down(
