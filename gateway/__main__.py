@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 
 from gateway import auth
 from gateway.app import CANCELLED_REQUESTS_GRACE_S, init_app, start_site
 from gateway.logs import configure_logging
-from gateway.settings import GatewaySettings
+from gateway.settings import ConfigError, GatewaySettings
 from gateway.state import LIFECYCLE
 
 log = logging.getLogger("gateway")
@@ -61,6 +62,7 @@ def _embedded(args: argparse.Namespace) -> int:
     from gateway.embedded import embedded_settings, prepare_embedded_triton
 
     configure_logging("text")
+    _check_port_free(args.host, args.port)  # before minutes of conversion and Triton's start, not after
     print("preparing the reference model and its Triton repository (cached after the first run)...", flush=True)
     server, checkpoint = prepare_embedded_triton()
     print(f"starting Triton (log: {server.log_path})...", flush=True)
@@ -79,6 +81,15 @@ def _embedded(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own socket will
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     hash_key = commands.add_parser("hash-key", help="print the sha256 of an API key (read from stdin) for the config")
     hash_key.set_defaults(run=_hash_key)
     args = parser.parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except ConfigError as error:  # a configuration it cannot start with: one line, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 def _hash_key(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from gateway.middlewares import request_id_and_errors
 from gateway.registry import ModelRegistry
 from gateway.replicas import EndpointDirectory, health_monitor
 from gateway.routes import setup_routes
-from gateway.settings import GatewaySettings
+from gateway.settings import ConfigError, GatewaySettings
 from gateway.state import (
     ACCOUNTING,
     AUTHENTICATOR,
@@ -115,5 +115,9 @@ async def start_site(app: web.Application, host: str, port: int) -> web.AppRunne
     # their generation (aiohttp's default, 60 s, came on top of the drain).
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=CANCELLED_REQUESTS_GRACE_S)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as error:
+        await runner.cleanup()  # the app started (channels, ledger): stop it before reporting
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
     return runner

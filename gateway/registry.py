@@ -13,7 +13,7 @@ from gateway.admission import ModelAdmission
 from gateway.errors import InvalidRequest, ModelNotFound
 from gateway.replicas import EndpointDirectory, ReplicaPool
 from gateway.schema import ModelCard
-from gateway.settings import GatewaySettings, ModelEntry
+from gateway.settings import ConfigError, GatewaySettings, ModelEntry
 from gateway.triton_translation import LoraRequest
 from triton_models.image_prompt import ImageSlots, place_images, prompt_tokens_with_images
 
@@ -125,7 +125,11 @@ class ModelRegistry:
     def load(cls, settings: GatewaySettings, directory: EndpointDirectory) -> ModelRegistry:
         served = []
         for entry in settings.models:
-            tokenizer = Tokenizer.from_file(str(entry.tokenizer_dir / "tokenizer.json"))
+            path = entry.tokenizer_dir / "tokenizer.json"
+            try:
+                tokenizer = Tokenizer.from_file(str(path))
+            except Exception as error:  # tokenizers raises a bare Exception naming no file
+                raise ConfigError(f"model '{entry.id}': cannot load its tokenizer {path}: {error}") from None
             admission = ModelAdmission(
                 entry.id,
                 entry.max_concurrent,

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from build_engines.adapter_store import LoraSupport
@@ -19,6 +19,10 @@ from cpu_engine.lora import MODULES
 from triton_models import tensors as t
 
 ALL_ACCOUNTS = "*"
+
+
+class ConfigError(ValueError):
+    """The gateway cannot start with this configuration; the message names the file and the setting."""
 
 
 class ApiKey(BaseModel):
@@ -172,6 +176,18 @@ class GatewaySettings(BaseSettings):
 
     @classmethod
     def from_file(cls, path: Path, **overrides: Any) -> GatewaySettings:
-        with path.open("rb") as handle:
-            values = tomllib.load(handle)
-        return cls(**{**values, **overrides})
+        """The settings of a config file (environment variables win); ConfigError says what is wrong, where."""
+        try:
+            with path.open("rb") as handle:
+                values = tomllib.load(handle)
+        except OSError as error:
+            raise ConfigError(f"cannot read the config file {path}: {error.strerror or error}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}") from None
+        try:
+            return cls(**{**values, **overrides})
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in e['loc']) or 'settings'}: {e['msg']}" for e in error.errors()
+            )
+            raise ConfigError(f"{path}: {problems}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -53,6 +54,37 @@ def test_serve_with_a_config_file_against_an_external_triton(
     with sqlite3.connect(tmp_path / "data" / "ledger.sqlite3") as ledger:
         rows = ledger.execute("SELECT request_id, completion_tokens, status FROM usage_records").fetchall()
     assert rows == [(access["request_id"], access["completion_tokens"], 200)]
+
+
+def test_configurations_it_cannot_start_with_are_one_line_errors(reference_checkpoint: Path, tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    model = model_table("m", reference_checkpoint, ["127.0.0.1:9"])
+    cases = {
+        tmp_path / "missing.toml": "cannot read the config file",
+        tmp_path / "bad.toml": "is not valid TOML",
+        tmp_path / "value.toml": "port: Input should be a valid integer",
+        write_config(tmp_path / "tok.toml", free_port(), tmp_path / "d1", [{**model, "tokenizer_dir": tmp_path}]):
+            f"model 'm': cannot load its tokenizer {tmp_path}/tokenizer.json",
+        write_config(tmp_path / "port.toml", port, tmp_path / "d2", [model]): f"cannot listen on 127.0.0.1:{port}",
+    }  # fmt: skip
+    (tmp_path / "bad.toml").write_text("port = \n")
+    (tmp_path / "value.toml").write_text('port = "x"\n')
+    try:
+        for config, message in cases.items():
+            done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config)], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=60)  # fmt: skip
+            errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+            assert done.returncode == 2 and len(errors) == 1 and message in errors[0], (config.name, done.stderr)
+            assert "Traceback" not in done.stderr
+        embedded = subprocess.run([sys.executable, "-m", "gateway", "embedded", "--port", str(port)], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert embedded.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in embedded.stderr
+        assert "starting Triton" not in embedded.stdout  # refused before minutes of preparing it
+    finally:
+        taken.close()
 
 
 def test_environment_overrides_the_config_file(reference_checkpoint: Path, tmp_path: Path) -> None:
