@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway import auth
@@ -17,13 +18,19 @@ from gateway.settings import ConfigError, GatewaySettings
 from gateway.state import LIFECYCLE
 
 log = logging.getLogger("gateway")
+SERVER_WATCH_INTERVAL_S = 1.0
 
 
-async def _serve_until_signal(settings: GatewaySettings, banner: str) -> None:
+async def _serve_until_signal(
+    settings: GatewaySettings, banner: str, server_alive: Callable[[], bool] | None = None
+) -> bool:
+    """Serve until SIGINT/SIGTERM (True) or, when server_alive is given, until the server it watches dies
+    (False)."""
     app = init_app(settings)
     runner = await start_site(app, settings.host, settings.port)
     stop, force = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+    watcher = asyncio.create_task(_watch(server_alive, stop)) if server_alive is not None else None
 
     def on_signal() -> None:
         if stop.is_set():  # a second Ctrl-C: do not wait for the drain
@@ -48,6 +55,18 @@ async def _serve_until_signal(settings: GatewaySettings, banner: str) -> None:
         await lifecycle.wait_idle(CANCELLED_REQUESTS_GRACE_S)
     await runner.cleanup()
     log.info("stopped")
+    if watcher is None:
+        return True
+    watcher.cancel()
+    return server_alive is not None and server_alive()
+
+
+async def _watch(server_alive: Callable[[], bool], stop: asyncio.Event) -> None:
+    """The embedded Triton exiting on its own ends the gateway too: it would answer 503 forever otherwise."""
+    while server_alive():
+        await asyncio.sleep(SERVER_WATCH_INTERVAL_S)
+    log.error("the embedded Triton server exited; stopping (its log says why)")
+    stop.set()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -77,8 +96,8 @@ def _embedded(args: argparse.Namespace) -> int:
             f'    -d \'{{"model": "{model}", "prompt": "<|im_start|>user\\nWhat is the capital of France?'
             f'<|im_end|>\\n<|im_start|>assistant\\n", "model_parameters": {{"temperature": 0}}}}\'\n'
         )
-        asyncio.run(_serve_until_signal(settings, banner))
-    return 0
+        served_to_the_end = asyncio.run(_serve_until_signal(settings, banner, server.is_running))
+    return 0 if served_to_the_end else 1
 
 
 def _check_port_free(host: str, port: int) -> None:

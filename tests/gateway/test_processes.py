@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import scale_gp
@@ -127,4 +128,33 @@ def test_embedded_mode_serves_the_reference_model_and_ctrl_c_stops_everything(tm
     pattern = f"shm-region-prefix-name=tcs{process.pid}"
     leftovers = subprocess.run(["pgrep", "-f", pattern], capture_output=True, check=False)
     assert leftovers.stdout == b""
+    assert not list(Path("/dev/shm").glob(f"tcs{process.pid}*"))
+
+
+def test_embedded_mode_stops_when_its_triton_dies(tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "embedded", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    pattern = f"shm-region-prefix-name=tcs{process.pid}"
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", process, 180)
+        found = subprocess.run(["pgrep", "-x", "tritonserver", "-P", str(process.pid)], capture_output=True, text=True)
+        (triton_pid,) = found.stdout.split()
+        os.kill(int(triton_pid), signal.SIGKILL)  # Triton gone, as after an OOM kill
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 1  # not serving 503s forever
+        assert "the embedded Triton server exited" in output.decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    # Its model processes go with it (they watch their parent), and their shared memory.
+    deadline = time.monotonic() + 15
+    while subprocess.run(["pgrep", "-f", pattern], capture_output=True, check=False).stdout:
+        assert time.monotonic() < deadline, "model processes outlived their Triton"
+        time.sleep(0.2)
     assert not list(Path("/dev/shm").glob(f"tcs{process.pid}*"))
