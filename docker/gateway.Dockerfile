@@ -22,8 +22,8 @@ EXPOSE 8080
 # /data: the usage ledger's SQLite file and spill files (a volume; or set GATEWAY_LEDGER_DSN for PostgreSQL).
 ENV GATEWAY_HOST=0.0.0.0 GATEWAY_PORT=8080 GATEWAY_DATA_DIR=/data
 VOLUME ["/data"]
-HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/readyz', timeout=2)"]
+HEALTHCHECK --interval=10s --timeout=6s --start-period=20s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/readyz', timeout=5)"]
 
 ENTRYPOINT ["python", "-m", "gateway", "serve"]
 CMD ["--config", "/etc/gateway/gateway.toml"]

@@ -17,7 +17,7 @@ from gateway.lifecycle import Lifecycle
 from gateway.metrics import GatewayMetrics
 from gateway.middlewares import request_id_and_errors
 from gateway.registry import ModelRegistry
-from gateway.replicas import EndpointDirectory, health_monitor
+from gateway.replicas import EndpointDirectory, SharedCheck, health_monitor
 from gateway.routes import setup_routes
 from gateway.settings import ConfigError, GatewaySettings
 from gateway.state import (
@@ -27,6 +27,7 @@ from gateway.state import (
     LEDGER_DATABASE,
     LIFECYCLE,
     METRICS,
+    READINESS_CHECK,
     REGISTRY,
     SETTINGS,
 )
@@ -86,6 +87,7 @@ def init_app(settings: GatewaySettings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = GatewayMetrics()
     app[LIFECYCLE] = Lifecycle()
+    app[READINESS_CHECK] = SharedCheck()
     app[AUTHENTICATOR] = Authenticator(settings.api_keys)
     app[IMAGE_POLICY] = ImagePolicy.from_strings(
         settings.image_fetch_allowed_networks,

@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import logging
 import socket
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from gateway.errors import UpstreamUnavailable
@@ -177,6 +177,19 @@ class ReplicaPool:
     def _set_addresses(self, addresses: Iterable[str]) -> None:
         wanted = list(dict.fromkeys(addresses))
         self.replicas = {a: self.replicas.get(a) or Replica(self.directory.get(a)) for a in wanted}
+
+
+class SharedCheck:
+    """Callers that ask at the same time share one round of checks (a burst of /readyz calls sends each
+    replica one ModelReady, not one per call); a caller that gives up does not cancel it for the others."""
+
+    def __init__(self) -> None:
+        self._round: asyncio.Future[object] | None = None
+
+    async def run(self, start: Callable[[], Awaitable[object]]) -> None:
+        if self._round is None or self._round.done():
+            self._round = asyncio.ensure_future(start())
+        await asyncio.shield(self._round)
 
 
 @contextlib.asynccontextmanager

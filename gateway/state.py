@@ -11,6 +11,7 @@ from gateway.ledger.databases import LedgerDatabase
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import GatewayMetrics
 from gateway.registry import ModelRegistry
+from gateway.replicas import SharedCheck
 from gateway.settings import GatewaySettings
 
 SETTINGS: web.AppKey[GatewaySettings] = web.AppKey("settings", GatewaySettings)
@@ -21,3 +22,4 @@ ACCOUNTING: web.AppKey[Accounting] = web.AppKey("accounting", Accounting)
 LEDGER_DATABASE: web.AppKey[LedgerDatabase | None] = web.AppKey("ledger_database")
 LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle", Lifecycle)
 IMAGE_POLICY: web.AppKey[ImagePolicy] = web.AppKey("image_policy", ImagePolicy)
+READINESS_CHECK: web.AppKey[SharedCheck] = web.AppKey("readiness_check", SharedCheck)

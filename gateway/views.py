@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from gateway.accounting import CLIENT_CLOSED, RequestTrace
-from gateway.auth import is_text, resolve_account
+from gateway.auth import Caller, is_text, resolve_account
 from gateway.completions import Event, Finished, TextDelta, plan_completion, run_completion
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidRequest, PayloadTooLarge
 from gateway.headers import (
@@ -29,7 +29,16 @@ from gateway.lifecycle import shutting_down
 from gateway.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from gateway.openapi import openapi_document
 from gateway.schema import Completion, CompletionRequest, CompletionResponse, ModelList
-from gateway.state import ACCOUNTING, AUTHENTICATOR, IMAGE_POLICY, LIFECYCLE, METRICS, REGISTRY, SETTINGS
+from gateway.state import (
+    ACCOUNTING,
+    AUTHENTICATOR,
+    IMAGE_POLICY,
+    LIFECYCLE,
+    METRICS,
+    READINESS_CHECK,
+    REGISTRY,
+    SETTINGS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +109,20 @@ def _sse(payload: str, event: str | None = None) -> bytes:
 
 
 async def create_completion(request: web.Request) -> web.StreamResponse:
+    caller = request.app[AUTHENTICATOR].authenticate(request)  # 401 before the body is read
+    timeout_s = _request_timeout(request, request.app[SETTINGS].request_timeout_s)
+    try:
+        async with asyncio.timeout(timeout_s):  # a body that trickles in is held to the request's deadline
+            body = await _read_request(request)
+    except TimeoutError as error:
+        raise DeadlineExceeded(f"the request body did not arrive within the deadline of {timeout_s:g} s") from error
+    # In flight from here: a drain waits for completions, not for uploads that have not arrived.
     with request.app[LIFECYCLE].request():
-        return await _create_completion(request)
+        return await _create_completion(request, caller, body)
 
 
-async def _create_completion(request: web.Request) -> web.StreamResponse:
+async def _create_completion(request: web.Request, caller: Caller, body: CompletionRequest) -> web.StreamResponse:
     app = request.app
-    caller = app[AUTHENTICATOR].authenticate(request)  # 401 before the body is read
-    body = await _read_request(request)
     settings = app[SETTINGS]
     account = resolve_account(request, body.account_id, settings.require_account, caller)
     request_id = request[REQUEST_ID]
@@ -330,13 +345,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when every model has at least one ready replica; checks them all now (not the last round's result)."""
+    """Ready when every model has at least one ready replica; checks them all now (not the last round's result),
+    in one round shared by the calls that arrive meanwhile."""
     if request.app[LIFECYCLE].draining:
         return web.json_response({"status": "draining"}, status=503)
     registry = request.app[REGISTRY]
     timeout = request.app[SETTINGS].readiness_timeout_s
     pools = [m.replicas for m in registry.models.values()]
-    await asyncio.gather(*(pool.check(timeout) for pool in pools))
+    await request.app[READINESS_CHECK].run(lambda: asyncio.gather(*(pool.check(timeout) for pool in pools)))
     models = {model_id: pool.ready for model_id, pool in zip(registry.models, pools, strict=True)}
     replicas = {model_id: pool.state() for model_id, pool in zip(registry.models, pools, strict=True)}
     status = 200 if all(models.values()) else 503

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.replicas import SharedCheck
 from tests.gateway.conftest import MODEL, GatewayThread, RunningGateway, gateway_settings, model_entry, raw_post
 from tests.prompts import SMOLLM_CHAT, VARIED_PROMPTS
 from tests.triton_client import metric_value, wait_for_metric
@@ -131,6 +132,39 @@ def test_a_body_declared_too_large_is_413_before_it_is_sent(gateway: RunningGate
         answer = client.recv(4096)
     assert answer.startswith(b"HTTP/1.1 413") and b"payload_too_large" in answer
     assert time.monotonic() - started < 2
+
+
+def test_a_body_that_never_finishes_arriving_is_held_to_the_deadline(gateway: RunningGateway) -> None:
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as client:
+        client.sendall(b"POST /v4/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"x-request-timeout: 1\r\nContent-Length: 100\r\n\r\n{\"model\": ")  # fmt: skip
+        started = time.monotonic()
+        answer = client.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 504")
+    assert b"the request body did not arrive within the deadline of 1 s" in answer
+    assert time.monotonic() - started < 5
+
+
+def test_concurrent_readiness_calls_share_one_round_of_checks() -> None:
+    rounds = 0
+
+    async def check() -> None:
+        nonlocal rounds
+        rounds += 1
+        await asyncio.sleep(0.2)
+
+    async def run() -> None:
+        shared = SharedCheck()
+        impatient = asyncio.ensure_future(shared.run(check))
+        others = [asyncio.ensure_future(shared.run(check)) for _ in range(20)]
+        await asyncio.sleep(0.05)
+        impatient.cancel()  # a caller giving up does not cancel the round the others wait for
+        await asyncio.gather(*others)
+        await shared.run(check)  # a later call starts a new round
+
+    asyncio.run(run())
+    assert rounds == 2
 
 
 def test_unknown_route_and_method_are_json_errors(gateway: RunningGateway) -> None:
