@@ -138,5 +138,6 @@ class ModelRegistry:
                 settings.retry_after_s,
             )
             images = ImageSlots.from_checkpoint(entry.tokenizer_dir, tokenizer) if entry.accepts_images else None
-            served.append(ServedModel(entry, tokenizer, ReplicaPool(entry, directory), admission, images))
+            replicas = ReplicaPool(entry, directory, stalled_after_s=settings.replica_stall_timeout_s)
+            served.append(ServedModel(entry, tokenizer, replicas, admission, images))
         return cls(served, AdapterStore(settings.adapter_store))

@@ -76,6 +76,9 @@ class ReplicaPool:
     directory: EndpointDirectory
     replicas: dict[str, Replica] = field(default_factory=dict)
     _rotation: itertools.count[int] = field(default_factory=itertools.count)
+    # A replica that fails its health check and has sent nothing on any open stream for this long has stopped
+    # answering: its streams are cut. A busy replica keeps streaming tokens: a slow health answer alone cuts none.
+    stalled_after_s: float = 10.0
     _resolved: dict[str, list[str]] = field(default_factory=dict)  # each DNS name's last addresses
 
     def __post_init__(self) -> None:
@@ -136,6 +139,10 @@ class ReplicaPool:
             replica.ready = ready
             replica.last_error = None if ready else reason
             replica.checks_failed = 0 if ready else replica.checks_failed + 1
+            if not ready and replica.endpoint.stalled(self.stalled_after_s):
+                log.warning("model %s: replica %s is down and its open streams got nothing for %g s; cut",
+                            self.entry.id, replica.address, self.stalled_after_s)  # fmt: skip
+                replica.endpoint.abandon_stalled_calls(f"the inference server stopped answering ({reason})")
 
     async def _check_one(self, replica: Replica, timeout_s: float) -> tuple[bool, str | None]:
         if replica.needs_probe:

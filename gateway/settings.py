@@ -95,6 +95,9 @@ class GatewaySettings(BaseSettings):
     readiness_timeout_s: Annotated[float, Field(gt=0)] = 2.0  # per Triton health check
     drain_timeout_s: Annotated[float, Field(ge=0)] = 30.0  # on SIGTERM: how long in-flight requests may finish
     health_check_interval_s: Annotated[float, Field(gt=0)] = 2.0  # how often every replica is checked
+    # A replica failing its checks whose open streams got nothing for this long: they are cut (retried elsewhere
+    # before their first text) instead of waiting for gRPC to notice the dead connection.
+    replica_stall_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     dns_refresh_s: Annotated[float, Field(gt=0)] = 10.0  # for models with discovery = "dns"
     models: list[ModelEntry] = Field(default_factory=list)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -48,6 +49,9 @@ class TritonEndpoint:
         self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self.in_flight = 0  # streams open on this server, all models together: what balancing compares
+        self.last_message_at = time.monotonic()  # when any stream last received a message
+        self._open_calls: set[Any] = set()
+        self._abandoned: dict[Any, str] = {}  # calls cut by abandon_stalled_calls, with the reason
         # LoRA task ids this server was sent and answered: later requests send the task id alone. A server
         # that evicted one answers "not found in cache" and gets the weights again.
         self.lora_tasks: set[int] = set()
@@ -77,10 +81,12 @@ class TritonEndpoint:
 
         call = self.stub.ModelStreamInfer(requests())
         self.in_flight += 1
+        self._open_calls.add(call)
         completed = False
         try:
             try:
                 async for message in call:
+                    self.last_message_at = time.monotonic()
                     if message.error_message:
                         raise _classify(message.error_message, self.address)
                     chunk = read_chunk(message.infer_response)
@@ -90,7 +96,16 @@ class TritonEndpoint:
                     if chunk.final:
                         return
                 raise InferenceFailed("the inference server closed the stream before the final response")
+            except asyncio.CancelledError:
+                # grpc.aio reports a call cancelled here as a cancellation of the reader: ours (abandoned), unless
+                # the task itself is being cancelled (client gone, deadline).
+                task = asyncio.current_task()
+                if call in self._abandoned and not (task is not None and task.cancelling()):
+                    raise ReplicaUnreachable(self._abandoned[call], self.address) from None
+                raise
             except grpc.aio.AioRpcError as error:
+                if call in self._abandoned:
+                    raise ReplicaUnreachable(self._abandoned[call], self.address) from error
                 task = asyncio.current_task()
                 if error.code() == grpc.StatusCode.CANCELLED and task is not None and task.cancelling():
                     # We cancelled it (client gone, deadline): not the replica's fault, the cancellation goes on.
@@ -107,12 +122,27 @@ class TritonEndpoint:
             raise
         finally:
             self.in_flight -= 1
+            self._open_calls.discard(call)
+            self._abandoned.pop(call, None)
             if completed:
                 closing = asyncio.ensure_future(_let_finish(call))
                 _closing.add(closing)
                 closing.add_done_callback(_closing.discard)
             else:
                 call.cancel()
+
+    def stalled(self, quiet_s: float) -> bool:
+        """Streams are open and none has received anything for quiet_s: a server that stopped answering (frozen,
+        or shutting down with requests it will not finish), not one that is busy generating."""
+        waiting = any(call not in self._abandoned for call in self._open_calls)
+        return waiting and time.monotonic() - self.last_message_at > quiet_s
+
+    def abandon_stalled_calls(self, reason: str) -> None:
+        """Cut the open streams: each fails as an unreachable replica (retried elsewhere before its first text,
+        an error event after), instead of waiting for gRPC's keepalive to notice, a minute or more."""
+        for call in list(self._open_calls):
+            self._abandoned[call] = reason
+            call.cancel()
 
     async def probe(self, ensemble: str, timeout_s: float) -> tuple[bool, str | None]:
         """A real one-token request through the ensemble (every model process in it): (healthy, why not)."""

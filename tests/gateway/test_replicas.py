@@ -19,6 +19,7 @@ from build_engines.repository import RepositorySettings, render_repository
 from gateway.replicas import EndpointDirectory, ReplicaPool
 from tests.gateway.conftest import MODEL, GatewayThread, RunningGateway, gateway_settings, model_entry
 from tests.prompts import VARIED_PROMPTS
+from tests.sse import sse_events
 from tests.triton_client import metric_value, wait_for_metric
 from triton_models.launcher import EmbeddedTriton
 
@@ -205,6 +206,50 @@ def _wait_until_replica_ready(running: RunningGateway, address: str, timeout_s: 
         if time.monotonic() > deadline:
             raise AssertionError(f"replica {address} not ready after {timeout_s} s: {body}")
         time.sleep(0.1)
+
+
+def test_streams_on_a_replica_that_stops_answering_are_cut_not_left_hanging(
+    reference_checkpoint: Path, two_replicas: list[EmbeddedTriton]
+) -> None:
+    entry = model_entry(reference_checkpoint, two_replicas[0].grpc_url).model_copy(
+        update={"endpoints": [s.grpc_url for s in two_replicas]}
+    )
+    settings = gateway_settings(
+        [entry], health_check_interval_s=0.25, readiness_timeout_s=0.5, replica_stall_timeout_s=1.0
+    )
+    frozen = two_replicas[0].process
+    assert frozen is not None
+    body = {"model": MODEL, "prompt": VARIED_PROMPTS[0], "stream": True,
+            "model_parameters": {"max_tokens": 300, "temperature": 0}}  # fmt: skip
+
+    async def stream(session: aiohttp.ClientSession, url: str, started: asyncio.Event) -> tuple[str, float]:
+        async with session.post(f"{url}/v4/completions", json=body) as response:
+            async for event, payload in sse_events(response):
+                started.set()
+                if event == "error":
+                    return payload["error"]["message"], time.monotonic()
+                if payload["completion"]["finish_reason"]:
+                    return "finished", time.monotonic()
+        return "cut without an event", time.monotonic()
+
+    async def run(url: str) -> tuple[list[tuple[str, float]], float]:
+        async with aiohttp.ClientSession() as session:
+            started = [asyncio.Event() for _ in range(4)]
+            streams = [asyncio.create_task(stream(session, url, e)) for e in started]  # two on each replica
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+            os.kill(frozen.pid, signal.SIGSTOP)  # Triton stops answering, its connections stay open
+            stopped = time.monotonic()
+            return await asyncio.wait_for(asyncio.gather(*streams), 120), stopped
+
+    try:
+        with GatewayThread(settings) as running:
+            results, stopped = asyncio.run(run(running.url))
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    cut = [(text, at - stopped) for text, at in results if "stopped answering" in text]
+    assert len(cut) == 2, results  # the frozen replica's two streams: told, within seconds (gRPC took minutes)
+    assert all(after < 10 for _, after in cut), cut
+    assert [text for text, _ in results].count("finished") == 2  # the other replica's streams are untouched
 
 
 def test_dns_discovery_finds_the_replicas_behind_a_name(
