@@ -44,7 +44,7 @@ async def _triton_channels(app: web.Application) -> AsyncIterator[None]:
         registry = app[REGISTRY] = ModelRegistry.load(settings, directory)
         pools = [model.replicas for model in registry.models.values()]
         async with health_monitor(
-            pools, settings.health_check_interval_s, settings.dns_refresh_s, settings.readiness_timeout_s
+            pools, settings.health_check_interval_s, settings.dns_refresh_s, settings.readiness_timeout_s, directory
         ):
             log.info("serving models: %s", ", ".join(m.id for m in settings.models) or "(none)")
             yield

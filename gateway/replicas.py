@@ -46,6 +46,17 @@ class EndpointDirectory:
             await endpoint.close()
         self._endpoints.clear()
 
+    @property
+    def addresses(self) -> set[str]:
+        """The replicas a channel is open to."""
+        return set(self._endpoints)
+
+    async def close_unused(self, in_use: set[str]) -> None:
+        """Close the channels of replicas no pool has any more (they left DNS) once their streams are done:
+        an open channel to a pod that is gone reconnects for ever."""
+        for address in [a for a, e in self._endpoints.items() if a not in in_use and e.in_flight == 0]:
+            await self._endpoints.pop(address).close()
+
 
 @dataclass
 class Replica:
@@ -201,7 +212,11 @@ class SharedCheck:
 
 @contextlib.asynccontextmanager
 async def health_monitor(
-    pools: list[ReplicaPool], interval_s: float, dns_refresh_s: float, timeout_s: float
+    pools: list[ReplicaPool],
+    interval_s: float,
+    dns_refresh_s: float,
+    timeout_s: float,
+    directory: EndpointDirectory | None = None,
 ) -> AsyncIterator[None]:
     """Run discovery and health checks in the background for as long as the context is open."""
 
@@ -214,6 +229,8 @@ async def health_monitor(
                 if clock() - last_discovery >= dns_refresh_s:
                     last_discovery = clock()
                     await asyncio.gather(*(p.discover() for p in pools if p.entry.discovery == "dns"))
+                if directory is not None:
+                    await directory.close_unused({address for p in pools for address in p.replicas})
                 await asyncio.gather(*(p.check(timeout_s) for p in pools))
             except Exception:  # a bug here must not end health checking for the life of the gateway
                 log.exception("health check round failed")

@@ -363,6 +363,9 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format; replica gauges are read from the replica pools at scrape time."""
     gauges = request.app[METRICS]
+    # Only the replicas there are now: one that left DNS must not stay a series forever.
+    gauges.replica_ready.clear()
+    gauges.replica_in_flight.clear()
     for model_id, model in request.app[REGISTRY].models.items():
         for address, replica in model.replicas.replicas.items():
             gauges.replica_ready.labels(model_id, address).set(1 if replica.ready else 0)

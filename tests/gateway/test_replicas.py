@@ -297,6 +297,47 @@ def test_a_failed_dns_lookup_keeps_the_replicas_it_found_before(reference_checkp
     assert "127.0.0.1:8001" in found and after_failure == found
 
 
+def _moving_dns(loop: asyncio.AbstractEventLoop) -> None:
+    """A name whose one address changes at every lookup (pods replaced one after another), injected."""
+    lookups = iter(range(2, 250))
+
+    async def resolve(host: str, port: int, **_: object) -> list[tuple[Any, ...]]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (f"127.0.0.{next(lookups)}", port))]
+
+    loop.getaddrinfo = resolve  # type: ignore[method-assign,assignment]
+
+
+def test_replicas_that_left_dns_leave_no_channel_and_no_metric_series(reference_checkpoint: Path) -> None:
+    entry = model_entry(reference_checkpoint, "triton.example:8001").model_copy(update={"discovery": "dns"})
+
+    async def churn() -> tuple[set[str], set[str]]:
+        _moving_dns(asyncio.get_running_loop())
+        directory = EndpointDirectory()
+        pool = ReplicaPool(entry, directory)
+        try:
+            for _ in range(5):
+                await pool.discover()
+                await directory.close_unused(set(pool.replicas))
+            return directory.addresses, set(pool.replicas)
+        finally:
+            await directory.close()
+
+    channels, replicas = asyncio.run(churn())
+    assert channels == replicas and len(replicas) == 1  # not one channel per address ever seen
+
+    with GatewayThread(gateway_settings([entry], dns_refresh_s=0.1, health_check_interval_s=0.1)) as running:
+        running.loop.call_soon_threadsafe(_moving_dns, running.loop)
+        time.sleep(1.5)  # a dozen lookups, each a new address
+
+        async def series() -> list[str]:
+            async with aiohttp.ClientSession() as session, session.get(f"{running.url}/metrics") as response:
+                text = await response.text()
+            return [line for line in text.splitlines() if line.startswith("gateway_triton_replica_ready{")]
+
+        ready_series = asyncio.run(series())
+    assert len(ready_series) == 1, ready_series
+
+
 def test_a_health_check_in_flight_does_not_undo_a_replica_marked_down(
     reference_checkpoint: Path, reference_triton: EmbeddedTriton
 ) -> None:
