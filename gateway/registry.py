@@ -138,6 +138,9 @@ class ModelRegistry:
                 settings.retry_after_s,
             )
             images = ImageSlots.from_checkpoint(entry.tokenizer_dir, tokenizer) if entry.accepts_images else None
-            replicas = ReplicaPool(entry, directory, stalled_after_s=settings.replica_stall_timeout_s)
+            replicas = ReplicaPool(
+                entry, directory, stalled_after_s=settings.replica_stall_timeout_s,
+                probe_interval_s=settings.replica_probe_interval_s,
+            )  # fmt: skip
             served.append(ServedModel(entry, tokenizer, replicas, admission, images))
         return cls(served, AdapterStore(settings.adapter_store))

@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -68,6 +69,7 @@ class Replica:
     needs_probe: bool = False
     checks_failed: int = 0
     marked_down: int = 0  # times a request found it failed: a health check that started before one is stale
+    probed_at: float = field(default_factory=time.monotonic)  # the last successful one-token probe
 
     @property
     def address(self) -> str:
@@ -90,6 +92,9 @@ class ReplicaPool:
     # A replica that fails its health check and has sent nothing on any open stream for this long has stopped
     # answering: its streams are cut. A busy replica keeps streaming tokens: a slow health answer alone cuts none.
     stalled_after_s: float = 10.0
+    # An idle replica gets a real one-token request this often: a crashed model process shows no other way
+    # (Triton keeps answering ModelReady with true), and with no traffic no request would find it.
+    probe_interval_s: float = 30.0
     _resolved: dict[str, list[str]] = field(default_factory=dict)  # each DNS name's last addresses
 
     def __post_init__(self) -> None:
@@ -140,6 +145,12 @@ class ReplicaPool:
     async def check(self, timeout_s: float) -> None:
         """Ask every replica whether the ensemble is ready, concurrently; update their states."""
         replicas = list(self.replicas.values())
+        now = time.monotonic()
+        for replica in replicas:
+            # Only idle ones: a probe queued behind a full batch would time out on a healthy, busy replica, and
+            # a busy replica's own requests find a crash.
+            if replica.endpoint.in_flight == 0 and now - replica.probed_at >= self.probe_interval_s:
+                replica.needs_probe = True
         marks = [r.marked_down for r in replicas]
         results = await asyncio.gather(*(self._check_one(r, timeout_s) for r in replicas))
         for replica, mark, (ready, reason) in zip(replicas, marks, results, strict=True):
@@ -161,6 +172,7 @@ class ReplicaPool:
             if not healthy:
                 return False, reason
             replica.needs_probe = False
+            replica.probed_at = time.monotonic()
         return await replica.endpoint.model_ready(self.entry.ensemble, timeout_s)
 
     def state(self) -> dict[str, dict[str, object]]:

@@ -98,6 +98,9 @@ class GatewaySettings(BaseSettings):
     # A replica failing its checks whose open streams got nothing for this long: they are cut (retried elsewhere
     # before their first text) instead of waiting for gRPC to notice the dead connection.
     replica_stall_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # An idle replica gets a one-token request through the ensemble this often (a crashed model process is
+    # invisible to Triton's readiness API).
+    replica_probe_interval_s: Annotated[float, Field(gt=0)] = 30.0
     dns_refresh_s: Annotated[float, Field(gt=0)] = 10.0  # for models with discovery = "dns"
     models: list[ModelEntry] = Field(default_factory=list)
 

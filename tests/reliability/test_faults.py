@@ -158,6 +158,35 @@ def test_a_crashed_model_stub_is_detected_and_reported(
     })  # fmt: skip
 
 
+def test_a_model_stub_that_crashes_while_idle_shows_on_readyz_without_any_request(
+    tiny_checkpoints: dict[TokenizerStyle, Path], tmp_path: Path, report: dict[str, Any]
+) -> None:
+    checkpoint = tiny_checkpoints[TokenizerStyle.BYTE_BPE]
+    repository = render_repository(RepositorySettings(checkpoint_dir=str(checkpoint)), tmp_path / "repo")
+    server = EmbeddedTriton(repository, log_path=tmp_path / "triton.log", extra_args=("--exit-timeout-secs=2",))
+    server.start()
+    entry = model_entry(checkpoint, server.grpc_url)
+    settings = gateway_settings([entry], health_check_interval_s=0.25, replica_probe_interval_s=1.0)
+    try:
+        with GatewayThread(settings) as running:
+            assert asyncio.run(_get(f"{running.url}/readyz"))[0] == 200
+            os.kill(_stub_pid(server, "cpu_llm"), signal.SIGKILL)
+            killed = time.monotonic()
+            while (status := asyncio.run(_get(f"{running.url}/readyz")))[0] == 200:
+                assert time.monotonic() - killed < 15, "the crash stayed invisible"
+                time.sleep(0.25)
+            noticed_after = time.monotonic() - killed
+    finally:
+        server.stop(timeout_s=10)
+    state = status[1]["replicas"][MODEL][entry.endpoints[0]]
+    # Found by the probe: Triton's answer names the crash, or none comes.
+    assert state["ready"] is False and ("not healthy" in state["error"] or "one-token request" in state["error"])
+    report.update({
+        "check": "cpu_llm stub SIGKILL while idle", "faults injected": 1, "streams affected": 0,
+        "errors seen by clients": "0 (/readyz 503)", "recovery": f"noticed by the idle probe in {noticed_after:.1f} s",
+    })  # fmt: skip
+
+
 def test_sigterm_drains_in_flight_streams_and_records_their_usage(
     reference_triton: EmbeddedTriton, reference_checkpoint: Path, tmp_path: Path, report: dict[str, Any]
 ) -> None:
