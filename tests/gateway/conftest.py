@@ -70,6 +70,8 @@ def model_entry(checkpoint: Path, endpoint: str, model_id: str = MODEL) -> Model
 def gateway_settings(models: list[ModelEntry], **overrides: object) -> GatewaySettings:
     """Settings for a test gateway on a free port, its usage ledger in a fresh folder."""
     overrides.setdefault("data_dir", Path(tempfile.mkdtemp(prefix="gateway-data-")))
+    # No idle probes unless a test asks: they are real requests, and tests count Triton's requests and metrics.
+    overrides.setdefault("replica_probe_interval_s", 3600.0)
     return GatewaySettings(host="127.0.0.1", port=free_port(), models=models, **overrides)  # type: ignore[arg-type]
 
 
