@@ -146,13 +146,11 @@ class ReplicaPool:
         """Ask every replica whether the ensemble is ready, concurrently; update their states."""
         replicas = list(self.replicas.values())
         now = time.monotonic()
-        for replica in replicas:
-            # Only idle ones: a probe queued behind a full batch would time out on a healthy, busy replica, and
-            # a busy replica's own requests find a crash.
-            if replica.endpoint.in_flight == 0 and now - replica.probed_at >= self.probe_interval_s:
-                replica.needs_probe = True
+        # The periodic probe goes only to idle replicas: one queued behind a full batch would time out on a
+        # healthy, busy replica, and a busy replica's own requests find a crash.
+        due = [r.endpoint.in_flight == 0 and now - r.probed_at >= self.probe_interval_s for r in replicas]
         marks = [r.marked_down for r in replicas]
-        results = await asyncio.gather(*(self._check_one(r, timeout_s) for r in replicas))
+        results = await asyncio.gather(*(self._check_one(r, timeout_s, d) for r, d in zip(replicas, due, strict=True)))
         for replica, mark, (ready, reason) in zip(replicas, marks, results, strict=True):
             if ready and replica.marked_down != mark:
                 continue  # a request found it failed while this check was on its way: the next check decides
@@ -166,8 +164,8 @@ class ReplicaPool:
                             self.entry.id, replica.address, self.stalled_after_s)  # fmt: skip
                 replica.endpoint.abandon_stalled_calls(f"the inference server stopped answering ({reason})")
 
-    async def _check_one(self, replica: Replica, timeout_s: float) -> tuple[bool, str | None]:
-        if replica.needs_probe:
+    async def _check_one(self, replica: Replica, timeout_s: float, probe_due: bool) -> tuple[bool, str | None]:
+        if replica.needs_probe or probe_due:
             healthy, reason = await replica.endpoint.probe(self.entry.ensemble, timeout_s)
             if not healthy:
                 return False, reason

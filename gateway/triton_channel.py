@@ -50,7 +50,7 @@ class TritonEndpoint:
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self.in_flight = 0  # streams open on this server, all models together: what balancing compares
         self.last_message_at = time.monotonic()  # when any stream last received a message
-        self._open_calls: set[Any] = set()
+        self._open_calls: dict[Any, float] = {}  # open streams, with when each was opened
         self._abandoned: dict[Any, str] = {}  # calls cut by abandon_stalled_calls, with the reason
         # LoRA task ids this server was sent and answered: later requests send the task id alone. A server
         # that evicted one answers "not found in cache" and gets the weights again.
@@ -81,7 +81,7 @@ class TritonEndpoint:
 
         call = self.stub.ModelStreamInfer(requests())
         self.in_flight += 1
-        self._open_calls.add(call)
+        self._open_calls[call] = time.monotonic()
         completed = False
         try:
             try:
@@ -122,7 +122,7 @@ class TritonEndpoint:
             raise
         finally:
             self.in_flight -= 1
-            self._open_calls.discard(call)
+            self._open_calls.pop(call, None)
             self._abandoned.pop(call, None)
             if completed:
                 closing = asyncio.ensure_future(_let_finish(call))
@@ -134,8 +134,11 @@ class TritonEndpoint:
     def stalled(self, quiet_s: float) -> bool:
         """Streams are open and none has received anything for quiet_s: a server that stopped answering (frozen,
         or shutting down with requests it will not finish), not one that is busy generating."""
-        waiting = any(call not in self._abandoned for call in self._open_calls)
-        return waiting and time.monotonic() - self.last_message_at > quiet_s
+        now = time.monotonic()
+        return any(
+            call not in self._abandoned and now - max(opened, self.last_message_at) > quiet_s
+            for call, opened in self._open_calls.items()
+        )
 
     def abandon_stalled_calls(self, reason: str) -> None:
         """Cut the open streams: each fails as an unreachable replica (retried elsewhere before its first text,

@@ -9,6 +9,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -108,27 +109,37 @@ def _sse(payload: str, event: str | None = None) -> bytes:
     return f"{head}data: {payload}\n\n".encode()
 
 
+@dataclass(frozen=True)
+class Deadline:
+    seconds: float  # what the request was given (for its 504 message)
+    at: float  # the event loop's time it ends
+
+
 async def create_completion(request: web.Request) -> web.StreamResponse:
     caller = request.app[AUTHENTICATOR].authenticate(request)  # 401 before the body is read
+    # One deadline for the whole request, from its arrival: reading a body that trickles in counts against it.
     timeout_s = _request_timeout(request, request.app[SETTINGS].request_timeout_s)
+    deadline = Deadline(timeout_s, asyncio.get_running_loop().time() + timeout_s)
     try:
-        async with asyncio.timeout(timeout_s):  # a body that trickles in is held to the request's deadline
+        async with asyncio.timeout_at(deadline.at):
             body = await _read_request(request)
     except TimeoutError as error:
         raise DeadlineExceeded(f"the request body did not arrive within the deadline of {timeout_s:g} s") from error
     # In flight from here: a drain waits for completions, not for uploads that have not arrived.
     with request.app[LIFECYCLE].request():
-        return await _create_completion(request, caller, body)
+        return await _create_completion(request, caller, body, deadline)
 
 
-async def _create_completion(request: web.Request, caller: Caller, body: CompletionRequest) -> web.StreamResponse:
+async def _create_completion(
+    request: web.Request, caller: Caller, body: CompletionRequest, deadline: Deadline
+) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
     account = resolve_account(request, body.account_id, settings.require_account, caller)
     request_id = request[REQUEST_ID]
     trace = RequestTrace(request_id, body.model, account, caller.key_id, body.stream)
     try:
-        return await _complete(request, body, trace)
+        return await _complete(request, body, trace, deadline.seconds, deadline.at)
     except GatewayError as error:
         trace.status, trace.error = error.status, error.type
         raise
@@ -147,14 +158,14 @@ async def _create_completion(request: web.Request, caller: Caller, body: Complet
         app[ACCOUNTING].finish(trace)
 
 
-async def _complete(request: web.Request, body: CompletionRequest, trace: RequestTrace) -> web.StreamResponse:
+async def _complete(
+    request: web.Request, body: CompletionRequest, trace: RequestTrace, timeout_s: float, deadline: float
+) -> web.StreamResponse:
     resolved = request.app[REGISTRY].resolve(body.model)
     model = resolved.base  # a custom model runs on its base model's replicas and admission
     trace.metric_model = resolved.id
     settings = request.app[SETTINGS]
     metrics = request.app[METRICS]
-    timeout_s = _request_timeout(request, settings.request_timeout_s)
-    deadline = asyncio.get_running_loop().time() + timeout_s
     try:
         async with asyncio.timeout_at(deadline):  # fetching the request's images counts against its deadline
             plan = await plan_completion(resolved, body, request.app[IMAGE_POLICY])

@@ -161,16 +161,27 @@ class LedgerWriter:
             await self.database.run(self.database.migrate)
             self._migrated = True
         started, cpu = time.perf_counter(), time.thread_time()
-        rows = [r.row() for r in batch]
+        records, rows = [], []
+        for record in batch:
+            try:
+                rows.append(record.row())
+                records.append(record)
+            except (ValueError, TypeError, OverflowError) as error:  # e.g. a spilled row edited by hand
+                self._set_aside(record, error)
         self.metrics.ledger_cpu_seconds.inc(time.thread_time() - cpu)
         try:
             await self.database.run(functools.partial(self._insert, rows))
         except Exception as error:
             if not self.database.refuses_rows(error):
                 raise
-            await self._write_one_by_one(batch, rows)
+            await self._write_one_by_one(records, rows)
         self.metrics.ledger_write_seconds.observe(time.perf_counter() - started)
-        self.metrics.ledger_rows_written.inc(len(batch))
+        self.metrics.ledger_rows_written.inc(len(records))
+
+    def _set_aside(self, record: UsageRecord, error: Exception) -> None:
+        self.metrics.ledger_refused.inc()
+        log.error("usage ledger: a row that cannot be stored, set aside (%s: %s): %s", type(error).__name__, error,
+                  json.dumps(asdict(record), default=str))  # fmt: skip
 
     async def _write_one_by_one(self, batch: list[UsageRecord], rows: list[tuple[object, ...]]) -> None:
         """Find the rows the database refuses and set them aside (stored rows are skipped when a retry
@@ -181,9 +192,7 @@ class LedgerWriter:
             except Exception as error:
                 if not self.database.refuses_rows(error):
                     raise
-                self.metrics.ledger_refused.inc()
-                log.error("usage ledger: the database refused a row, set aside (%s: %s): %s",
-                          type(error).__name__, error, json.dumps(asdict(record)))  # fmt: skip
+                self._set_aside(record, error)
 
     def _insert(self, rows: list[tuple[object, ...]]) -> None:
         """In the database's thread; its CPU time is counted (the gateway's share of what the ledger costs)."""
@@ -220,10 +229,13 @@ class LedgerWriter:
                 if not line:
                     continue
                 try:
-                    records.append(UsageRecord(**json.loads(line)))
-                    loaded += 1
-                except (ValueError, TypeError):
+                    record = UsageRecord(**json.loads(line))
+                    record.row()  # a row it can store (a damaged file can hold any JSON)
+                except (ValueError, TypeError, OverflowError):
                     damaged += 1
+                    continue
+                records.append(record)
+                loaded += 1
             if damaged:
                 log.error("usage ledger: %d damaged lines in %s skipped", damaged, path)
             files.append(path)

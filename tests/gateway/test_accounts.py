@@ -357,6 +357,7 @@ def test_rows_the_database_cannot_store_never_block_the_others(
         _record(f"{tag}-nul", model="gpt\x00", account_id="a\x00b"),  # PostgreSQL text cannot hold NUL
         _record(f"{tag}-long", account_id="x" * 9000),  # past PostgreSQL's index entry limit
         _record(f"{tag}-huge", prompt_tokens=2**63),  # no database column holds it: refused, set aside
+        _record(f"{tag}-when", created_at=float("inf")),  # no row can be made of it: set aside before the insert
         _record(f"{tag}-fine"),
     ]
 
@@ -373,7 +374,7 @@ def test_rows_the_database_cannot_store_never_block_the_others(
 
     flushed, stored, refused = _run(write())
     ours = {str(r["request_id"]): r for r in stored if str(r["request_id"]).startswith(tag)}
-    assert flushed and refused == 1
+    assert flushed and refused == 2
     assert set(ours) == {f"{tag}-nul", f"{tag}-long", f"{tag}-fine"}
     assert ours[f"{tag}-nul"]["model"] == "gpt\ufffd" and len(str(ours[f"{tag}-long"]["account_id"])) == 512
 
@@ -383,8 +384,9 @@ def test_a_damaged_spill_file_never_stops_a_start_and_goes_once_its_rows_are_sto
     spill_dir.mkdir()
     good = _record("spilled-1")
     cut = json.dumps(dataclasses.asdict(_record("spilled-2")))[:40]  # a file cut by a crash outside the gateway
+    odd = json.dumps(dataclasses.asdict(_record("spilled-3", created_at=1e20)))  # parses, but no row has that day
     spill = spill_dir / "ledger-spill-1.jsonl"
-    spill.write_text(json.dumps(dataclasses.asdict(good)) + "\n" + cut)
+    spill.write_text(json.dumps(dataclasses.asdict(good)) + "\n" + cut + "\n" + odd + "\n")
 
     async def start() -> tuple[list[dict[str, object]], bool]:
         writer = LedgerWriter(open_ledger_database(None, tmp_path), GatewayMetrics(), spill_dir, retry_s=0.1)

@@ -146,6 +146,23 @@ def test_a_body_that_never_finishes_arriving_is_held_to_the_deadline(gateway: Ru
     assert time.monotonic() - started < 5
 
 
+def test_the_deadline_counts_from_arrival_reading_the_body_included(gateway: RunningGateway) -> None:
+    story = SMOLLM_CHAT.format("Write a long story about a brave knight and a dragon.")  # hundreds of tokens
+    body = json.dumps({"model": MODEL, "prompt": story, "model_parameters": {"max_tokens": 1000}}).encode()
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as client:
+        started = time.monotonic()
+        client.sendall(b"POST /v4/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"x-request-timeout: 2\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")  # fmt: skip
+        client.sendall(body[:10])
+        time.sleep(1.2)  # most of the deadline goes on the upload
+        client.sendall(body[10:])
+        answer = client.recv(4096)
+        answered_after = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 504") and b"deadline of 2 s" in answer
+    assert answered_after < 2.8  # 2 s from arrival, not 2 s more after the upload
+
+
 def test_concurrent_readiness_calls_share_one_round_of_checks() -> None:
     rounds = 0
 

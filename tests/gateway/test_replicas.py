@@ -17,6 +17,7 @@ import pytest
 
 from build_engines.repository import RepositorySettings, render_repository
 from gateway.replicas import EndpointDirectory, ReplicaPool
+from gateway.triton_translation import GenerationPlan, ensemble_request
 from tests.gateway.conftest import MODEL, GatewayThread, RunningGateway, gateway_settings, model_entry
 from tests.prompts import VARIED_PROMPTS
 from tests.sse import sse_events
@@ -250,6 +251,47 @@ def test_streams_on_a_replica_that_stops_answering_are_cut_not_left_hanging(
     assert len(cut) == 2, results  # the frozen replica's two streams: told, within seconds (gRPC took minutes)
     assert all(after < 10 for _, after in cut), cut
     assert [text for text, _ in results].count("finished") == 2  # the other replica's streams are untouched
+
+
+def test_a_new_stream_on_a_replica_idle_for_long_is_not_stalled_nor_a_busy_replica_probed(
+    reference_checkpoint: Path, reference_triton: EmbeddedTriton
+) -> None:
+    entry = model_entry(reference_checkpoint, reference_triton.grpc_url)
+    plan = GenerationPlan(
+        prompt=VARIED_PROMPTS[0], prompt_tokens=8, max_tokens=200, temperature=0.0, top_k=None, top_p=None,
+        presence_penalty=0.0, frequency_penalty=0.0, stop_sequences=(),
+    )  # fmt: skip
+
+    async def run() -> tuple[bool, int, bool]:
+        directory = EndpointDirectory()
+        pool = ReplicaPool(entry, directory, probe_interval_s=0.1)
+        (replica,) = pool.replicas.values()
+        endpoint = replica.endpoint
+        probes = 0
+        real_probe = endpoint.probe
+
+        async def counted_probe(ensemble: str, timeout_s: float) -> tuple[bool, str | None]:
+            nonlocal probes
+            probes += 1
+            return await real_probe(ensemble, timeout_s)
+
+        endpoint.probe = counted_probe  # type: ignore[method-assign]  # a spy: the real probe still runs
+        await asyncio.sleep(0.5)  # idle for longer than the quiet time below
+        generation = endpoint.stream(ensemble_request(entry.ensemble, "long-one", plan))
+        first = asyncio.ensure_future(anext(generation))
+        await asyncio.sleep(0)  # the stream is open, nothing received yet
+        stalled = endpoint.stalled(0.3)
+        replica.probed_at = 0.0  # a periodic probe is long due, and the last one failed
+        await pool.check(5.0)  # ... but the replica is busy: no probe
+        busy_probes = probes
+        await first
+        await generation.aclose()
+        await directory.close()
+        return stalled, busy_probes, replica.ready is True
+
+    stalled, busy_probes, ready = asyncio.run(run())
+    assert not stalled  # quiet time counts from the stream's opening, not from the endpoint's last message
+    assert busy_probes == 0 and ready
 
 
 def test_dns_discovery_finds_the_replicas_behind_a_name(
