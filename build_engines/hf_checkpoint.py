@@ -178,7 +178,6 @@ def write_checkpoint(
     All or nothing: the files are written to a staging directory beside out_dir and moved into place when
     complete, so a failure (a full disk, Ctrl-C) leaves out_dir as it was, never half old and half new.
     """
-    check_output_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new-", dir=out_dir.parent))
     try:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gateway import auth
-from gateway.app import CANCELLED_REQUESTS_GRACE_S, init_app, start_site
+from gateway.app import CANCELLED_REQUESTS_GRACE_S, cannot_listen, init_app, start_site
 from gateway.logs import configure_logging
 from gateway.settings import ConfigError, GatewaySettings
 from gateway.state import LIFECYCLE
@@ -106,7 +106,7 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+            raise cannot_listen(host, port, error) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,5 +121,9 @@ async def start_site(app: web.Application, host: str, port: int) -> web.AppRunne
         await web.TCPSite(runner, host, port).start()
     except OSError as error:
         await runner.cleanup()  # the app started (channels, ledger): stop it before reporting
-        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+        raise cannot_listen(host, port, error) from None
     return runner
+
+
+def cannot_listen(host: str, port: int, error: OSError) -> ConfigError:
+    return ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}")

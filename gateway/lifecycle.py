@@ -18,7 +18,6 @@ def shutting_down() -> UpstreamUnavailable:
 class Lifecycle:
     def __init__(self) -> None:
         self.draining = False
-        self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._running: set[asyncio.Task[object]] = set()
@@ -31,7 +30,6 @@ class Lifecycle:
             raise shutting_down()
         task = asyncio.current_task()
         assert task is not None  # a request handler runs in a task
-        self.in_flight += 1
         self._idle.clear()
         self._running.add(task)
         try:
@@ -39,9 +37,12 @@ class Lifecycle:
         finally:
             self._running.discard(task)
             self._ended.discard(task)
-            self.in_flight -= 1
-            if self.in_flight == 0:
+            if not self._running:
                 self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop taking requests and wait for those in flight; False if some were still running at the timeout."""

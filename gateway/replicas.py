@@ -226,7 +226,7 @@ async def health_monitor(
     interval_s: float,
     dns_refresh_s: float,
     timeout_s: float,
-    directory: EndpointDirectory | None = None,
+    directory: EndpointDirectory,
 ) -> AsyncIterator[None]:
     """Run discovery and health checks in the background for as long as the context is open."""
 
@@ -239,8 +239,7 @@ async def health_monitor(
                 if clock() - last_discovery >= dns_refresh_s:
                     last_discovery = clock()
                     await asyncio.gather(*(p.discover() for p in pools if p.entry.discovery == "dns"))
-                if directory is not None:
-                    await directory.close_unused({address for p in pools for address in p.replicas})
+                await directory.close_unused({address for p in pools for address in p.replicas})
                 await asyncio.gather(*(p.check(timeout_s) for p in pools))
             except Exception:  # a bug here must not end health checking for the life of the gateway
                 log.exception("health check round failed")

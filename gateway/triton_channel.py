@@ -48,7 +48,6 @@ class TritonEndpoint:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
-        self.in_flight = 0  # streams open on this server, all models together: what balancing compares
         self.last_message_at = time.monotonic()  # when any stream last received a message
         self._open_calls: dict[Any, float] = {}  # open streams, with when each was opened
         self._abandoned: dict[Any, str] = {}  # calls cut by abandon_stalled_calls, with the reason
@@ -80,7 +79,6 @@ class TritonEndpoint:
             yield request
 
         call = self.stub.ModelStreamInfer(requests())
-        self.in_flight += 1
         self._open_calls[call] = time.monotonic()
         completed = False
         try:
@@ -121,7 +119,6 @@ class TritonEndpoint:
                 raise ReplicaUnreachable("the inference server became unreachable", self.address) from error
             raise
         finally:
-            self.in_flight -= 1
             self._open_calls.pop(call, None)
             self._abandoned.pop(call, None)
             if completed:
@@ -130,6 +127,11 @@ class TritonEndpoint:
                 closing.add_done_callback(_closing.discard)
             else:
                 call.cancel()
+
+    @property
+    def in_flight(self) -> int:
+        """Streams open on this server, all models together: what balancing compares."""
+        return len(self._open_calls)
 
     def stalled(self, quiet_s: float) -> bool:
         """Streams are open and none has received anything for quiet_s: a server that stopped answering (frozen,

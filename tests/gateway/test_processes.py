@@ -105,14 +105,19 @@ def test_environment_overrides_the_config_file(reference_checkpoint: Path, tmp_p
     assert GatewaySettings.from_file(config).port == 1234
 
 
-def test_embedded_mode_serves_the_reference_model_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    port = free_port()
-    process = subprocess.Popen(
+def _start_embedded(port: int) -> subprocess.Popen[bytes]:
+    """`python -m gateway embedded` (what `make serve` runs), its output collected."""
+    return subprocess.Popen(
         [sys.executable, "-m", "gateway", "embedded", "--port", str(port)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
+
+
+def test_embedded_mode_serves_the_reference_model_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    port = free_port()
+    process = _start_embedded(port)
     try:
         wait_ready(f"http://127.0.0.1:{port}", process, 180)
         assert "Paris" in _ask(f"http://127.0.0.1:{port}")
@@ -133,12 +138,7 @@ def test_embedded_mode_serves_the_reference_model_and_ctrl_c_stops_everything(tm
 
 def test_embedded_mode_stops_when_its_triton_dies(tmp_path: Path) -> None:
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "embedded", "--port", str(port)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    process = _start_embedded(port)
     pattern = f"shm-region-prefix-name=tcs{process.pid}"
     try:
         wait_ready(f"http://127.0.0.1:{port}", process, 180)

@@ -17,6 +17,7 @@ import aiohttp
 
 from build_engines.repository import RepositorySettings, render_repository
 from build_engines.tiny_checkpoints import TokenizerStyle
+from gateway.settings import ModelEntry
 from tests.gateway.conftest import MODEL, GatewayThread, gateway_settings, model_entry
 from tests.sse import sse_events
 from tests.triton_client import wait_for_metric
@@ -119,15 +120,22 @@ def _stub_pid(server: EmbeddedTriton, model: str) -> int:
     raise AssertionError(f"no stub process for {model}")
 
 
-def test_a_crashed_model_stub_is_detected_and_reported(
-    tiny_checkpoints: dict[TokenizerStyle, Path], tmp_path: Path, report: dict[str, Any]
-) -> None:
+def _tiny_triton_for_stub_crashes(
+    tiny_checkpoints: dict[TokenizerStyle, Path], tmp_path: Path
+) -> tuple[EmbeddedTriton, ModelEntry]:
+    """A started Triton on the tiny checkpoint, and the gateway's entry for it."""
     checkpoint = tiny_checkpoints[TokenizerStyle.BYTE_BPE]
     repository = render_repository(RepositorySettings(checkpoint_dir=str(checkpoint)), tmp_path / "repo")
     # A short unload timeout: a crashed stub never finishes unloading.
     server = EmbeddedTriton(repository, log_path=tmp_path / "triton.log", extra_args=("--exit-timeout-secs=2",))
     server.start()
-    entry = model_entry(checkpoint, server.grpc_url)
+    return server, model_entry(checkpoint, server.grpc_url)
+
+
+def test_a_crashed_model_stub_is_detected_and_reported(
+    tiny_checkpoints: dict[TokenizerStyle, Path], tmp_path: Path, report: dict[str, Any]
+) -> None:
+    server, entry = _tiny_triton_for_stub_crashes(tiny_checkpoints, tmp_path)
     body = {"model": MODEL, "prompt": "Hello", "model_parameters": {"max_tokens": 4}}
     try:
         with GatewayThread(gateway_settings([entry], health_check_interval_s=0.25)) as running:
@@ -161,11 +169,7 @@ def test_a_crashed_model_stub_is_detected_and_reported(
 def test_a_model_stub_that_crashes_while_idle_shows_on_readyz_without_any_request(
     tiny_checkpoints: dict[TokenizerStyle, Path], tmp_path: Path, report: dict[str, Any]
 ) -> None:
-    checkpoint = tiny_checkpoints[TokenizerStyle.BYTE_BPE]
-    repository = render_repository(RepositorySettings(checkpoint_dir=str(checkpoint)), tmp_path / "repo")
-    server = EmbeddedTriton(repository, log_path=tmp_path / "triton.log", extra_args=("--exit-timeout-secs=2",))
-    server.start()
-    entry = model_entry(checkpoint, server.grpc_url)
+    server, entry = _tiny_triton_for_stub_crashes(tiny_checkpoints, tmp_path)
     settings = gateway_settings([entry], health_check_interval_s=0.25, replica_probe_interval_s=1.0)
     try:
         with GatewayThread(settings) as running:
