@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway import auth
+from gateway import auth, event_loop
 from gateway.app import CANCELLED_REQUESTS_GRACE_S, cannot_listen, init_app, start_site
 from gateway.logs import configure_logging
 from gateway.settings import ConfigError, GatewaySettings
@@ -39,6 +39,7 @@ async def _serve_until_signal(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    log.info("serving on %s's event loop", type(loop).__module__.split(".")[0])
     print(banner, flush=True)
     await stop.wait()
     lifecycle = app[LIFECYCLE]
@@ -73,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = GatewaySettings.from_file(args.config)
     configure_logging(settings.log_format)
     banner = f"gateway on http://{settings.host}:{settings.port} serving {', '.join(m.id for m in settings.models)}"
-    asyncio.run(_serve_until_signal(settings, banner))
+    event_loop.run(_serve_until_signal(settings, banner), settings.event_loop)
     return 0
 
 
@@ -96,7 +97,8 @@ def _embedded(args: argparse.Namespace) -> int:
             f'    -d \'{{"model": "{model}", "prompt": "<|im_start|>user\\nWhat is the capital of France?'
             f'<|im_end|>\\n<|im_start|>assistant\\n", "model_parameters": {{"temperature": 0}}}}\'\n'
         )
-        served_to_the_end = asyncio.run(_serve_until_signal(settings, banner, server.is_running))
+        serving = _serve_until_signal(settings, banner, server.is_running)
+        served_to_the_end = event_loop.run(serving, settings.event_loop)
     return 0 if served_to_the_end else 1
 
 

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from build_engines.adapter_store import LoraSupport
 from cpu_engine.lora import MODULES
+from gateway.event_loop import DEFAULT_EVENT_LOOP, EventLoopName
 from triton_models import tensors as t
 
 ALL_ACCOUNTS = "*"
@@ -129,6 +130,7 @@ class GatewaySettings(BaseSettings):
     ledger_spill_dir: Path | None = None
 
     log_format: Literal["json", "text"] = "json"
+    event_loop: EventLoopName = DEFAULT_EVENT_LOOP
 
     # Custom models: LoRA adapters registered by id (the admin API or `python -m build_engines adapter`), kept in
     # adapter_store_dir (default data_dir/adapters; shared by every gateway of a deployment). The admin API

@@ -18,6 +18,7 @@ from aiohttp import web
 from build_engines.reference_model import REFERENCE_MODEL_ID
 from cpu_engine import ModelConfig
 from gateway.app import init_app, start_site
+from gateway.event_loop import loop_factory
 from gateway.settings import GatewaySettings, ModelEntry
 from triton_models import tensors as t
 from triton_models.launcher import EmbeddedTriton, free_port
@@ -37,7 +38,7 @@ class GatewayThread:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.loop = asyncio.new_event_loop()
+        self.loop = loop_factory(settings.event_loop)()  # the loop production runs on
         self.runner: web.AppRunner | None = None
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 

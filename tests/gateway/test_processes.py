@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import scale_gp
 
 from build_engines.reference_model import REFERENCE_MODEL_ID
@@ -31,13 +32,14 @@ def _ask(url: str) -> str:
         client.close()
 
 
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
 def test_serve_with_a_config_file_against_an_external_triton(
-    reference_triton: EmbeddedTriton, reference_checkpoint: Path, tmp_path: Path
+    reference_triton: EmbeddedTriton, reference_checkpoint: Path, tmp_path: Path, event_loop: str
 ) -> None:
-    """The production path: a config file, JSON logs, and the usage ledger flushed on SIGTERM."""
+    """The production path: a config file, JSON logs, and the usage ledger flushed on SIGTERM; on either loop."""
     port = free_port()
     model = model_table(REFERENCE_MODEL_ID, reference_checkpoint, [reference_triton.grpc_url])
-    config = write_config(tmp_path / "gateway.toml", port, tmp_path / "data", [model])
+    config = write_config(tmp_path / "gateway.toml", port, tmp_path / "data", [model], event_loop=event_loop)
     process = serve(config, stderr=subprocess.PIPE)
     try:
         wait_ready(f"http://127.0.0.1:{port}", process, 30)
@@ -50,6 +52,7 @@ def test_serve_with_a_config_file_against_an_external_triton(
             process.kill()
             process.communicate()
     logs = [json.loads(line) for line in stderr.decode().splitlines()]  # every line is JSON
+    assert f"serving on {event_loop}'s event loop" in [entry["message"] for entry in logs]
     [access] = [entry for entry in logs if entry["logger"] == "gateway.access"]
     assert access["status"] == 200 and access["model"] == REFERENCE_MODEL_ID and access["completion_tokens"] > 0
     with sqlite3.connect(tmp_path / "data" / "ledger.sqlite3") as ledger:
