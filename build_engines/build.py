@@ -234,6 +234,12 @@ def _run_step(index: int, name: str, command: list[str], log_path: Path) -> None
     print(f"[{index}] done in {time.monotonic() - started:.0f} s", flush=True)
 
 
+# The names a checkpoint's architecture may be recorded under besides its own: FP8 checkpoints come from
+# ModelOpt's export (quantize.py), which in TensorRT-LLM 0.14's release records its decoder family's name
+# (Mistral is exported as a llama, Qwen2 as a qwen); convert_checkpoint.py records the Hugging Face name.
+_RECORDED_ARCHITECTURES = {"MistralForCausalLM": ("LlamaForCausalLM",), "Qwen2ForCausalLM": ("QWenForCausalLM",)}
+
+
 def verify_engine(plan: BuildPlan) -> None:
     """The built engine must be the one the target asked for (its own config.json), one engine per rank."""
     config_path = plan.engine_dir / "config.json"
@@ -244,9 +250,12 @@ def verify_engine(plan: BuildPlan) -> None:
     build_config = config.get("build_config", {})
     mapping = pretrained.get("mapping", {})
     target = plan.target
+    # For a vision-language checkpoint the converter records its language model's architecture.
+    architecture, recorded = plan.model.language_model_architecture, pretrained.get("architecture")
+    if recorded in _RECORDED_ARCHITECTURES.get(architecture, ()):
+        recorded = architecture  # the same model under ModelOpt's name for it
     expected = {
-        # For a vision-language checkpoint the converter records its language model's architecture.
-        "architecture": (pretrained.get("architecture"), plan.model.language_model_architecture),
+        "architecture": (recorded, architecture),
         "dtype": (pretrained.get("dtype"), target.dtype),
         "tp_size": (mapping.get("tp_size"), target.tp_size),
         "pp_size": (mapping.get("pp_size"), target.pp_size),
@@ -258,6 +267,10 @@ def verify_engine(plan: BuildPlan) -> None:
     algo = {"fp8": "FP8", "int8_weight_only": "W8A16", "int4_weight_only": "W4A16", "none": None}[target.quantization]
     expected["quantization"] = (quant.get("quant_algo"), algo)
     wrong = {k: v for k, v in expected.items() if v[0] != v[1]}
+    if wrong.get("architecture", (None, None))[0] in _RECORDED_ARCHITECTURES.get(
+        plan.model.language_model_architecture, ()
+    ):
+        del wrong["architecture"]
     if wrong:
         details = ", ".join(f"{k}: engine {v[0]!r}, target {v[1]!r}" for k, v in wrong.items())
         raise BuildFailed(f"the engine does not match target {target.name}: {details}")

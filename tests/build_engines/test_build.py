@@ -305,6 +305,23 @@ def test_engine_verification_names_every_disagreement(tiny_long_context: Path, t
         verify_engine(plan)  # type: ignore[arg-type]
 
 
+def test_engine_verification_knows_the_names_modelopt_records(tiny_long_context: Path, tmp_path: Path) -> None:
+    """FP8 checkpoints come from ModelOpt's export, which records a Mistral model as a llama (TensorRT-LLM 0.14)."""
+    from build_engines.build import BuildFailed, verify_engine
+
+    mistral = tmp_path / "mistral"
+    mistral.mkdir()
+    for source in tiny_long_context.iterdir():
+        (mistral / source.name).write_bytes(source.read_bytes())
+    config = json.loads((mistral / "config.json").read_text())
+    (mistral / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"]}))
+    plan, _ = _engine_config("h100", mistral, tmp_path / "a", pretrained_config__architecture="LlamaForCausalLM")
+    verify_engine(plan)  # type: ignore[arg-type]
+    plan, _ = _engine_config("h100", mistral, tmp_path / "b", pretrained_config__architecture="QWenForCausalLM")
+    with pytest.raises(BuildFailed, match="architecture: engine 'QWenForCausalLM', target 'MistralForCausalLM'"):
+        verify_engine(plan)  # type: ignore[arg-type]
+
+
 def test_lora_builds_plan_the_lora_plugin_and_configure_the_lora_cache(tiny_long_context: Path, tmp_path: Path) -> None:
     target = CATALOG.get("h100")
     result = build(CATALOG, tiny_long_context, "h100", tmp_path / "gpu", dry_run=True, model_id="m", lora=True)
