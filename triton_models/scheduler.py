@@ -93,6 +93,7 @@ class Scheduler:
             except Exception:  # a bug must not silently kill the thread and hang every client
                 log.exception("scheduler step failed; failing the active requests")
                 self._fail_all("internal error in the CPU generation model")
+        self._refuse_waiting("the model is shutting down")
         self._fail_all("the model is shutting down")
 
     def _admit(self, block: bool) -> None:
@@ -116,13 +117,13 @@ class Scheduler:
                 adapter = self.lora_cache.acquire(request.lora)
                 request.generation = replace(request.generation, adapter=adapter)
         except (LoraCacheError, ValueError) as error:
-            request.send_error(str(error))
+            _send_error(request, str(error))
             return
         try:
             self.engine.submit(request.generation)
         except (EngineError, ValueError) as error:
             self._release(request)
-            request.send_error(str(error))
+            _send_error(request, str(error))
             return
         self._active[request.generation.request_id] = request
 
@@ -134,7 +135,7 @@ class Scheduler:
         for engine_id, request in self._active.items():
             if request.client_request_id == stop.client_request_id:
                 self.engine.cancel(engine_id)
-        stop.acknowledge()
+        _acknowledge(stop)
 
     def _cancel_abandoned(self) -> None:
         for engine_id, request in self._active.items():
@@ -146,33 +147,55 @@ class Scheduler:
             request = self._active.get(event.request_id)
             if request is None:
                 continue
-            request.cum_log_prob += sum(event.log_probs)
             if event.finished:
                 del self._active[event.request_id]
                 self._release(request)
-            if request.streaming:
-                tokens = event.token_ids
-                if not request.prefix_sent:
-                    tokens, request.prefix_sent = request.prefix_ids + tokens, True
-                if tokens or event.finished:
-                    request.send(tokens, event.log_probs, request.cum_log_prob, event.finished)
-                continue
-            request.tokens.extend(event.token_ids)
-            request.log_probs.extend(event.log_probs)
-            if event.finished:
-                tokens = request.prefix_ids + request.tokens
-                request.send(tokens, request.log_probs, request.cum_log_prob, True)
-            if event.finish_reason is FinishReason.CANCELLED:
-                log.debug("request %s cancelled", request.client_request_id)
+            try:
+                self._answer(request, event)
+            except Exception as error:
+                # A response Triton cannot take (the stream is closed, shared memory is exhausted) ends that
+                # request alone: the other sequences of the batch go on.
+                log.exception("request %s: its response could not be sent; ending it", request.client_request_id)
+                if not event.finished:
+                    del self._active[event.request_id]
+                    self._release(request)
+                    self.engine.cancel(event.request_id)
+                _send_error(request, f"the response could not be sent: {error}")
+
+    def _answer(self, request: ScheduledRequest, event: TokenEvent) -> None:
+        request.cum_log_prob += sum(event.log_probs)
+        if request.streaming:
+            tokens = event.token_ids
+            if not request.prefix_sent:
+                tokens, request.prefix_sent = request.prefix_ids + tokens, True
+            if tokens or event.finished:
+                request.send(tokens, event.log_probs, request.cum_log_prob, event.finished)
+            return
+        request.tokens.extend(event.token_ids)
+        request.log_probs.extend(event.log_probs)
+        if event.finished:
+            tokens = request.prefix_ids + request.tokens
+            request.send(tokens, request.log_probs, request.cum_log_prob, True)
+        if event.finish_reason is FinishReason.CANCELLED:
+            log.debug("request %s cancelled", request.client_request_id)
+
+    def _refuse_waiting(self, message: str) -> None:
+        """What execute() handed over but the thread never took: answered too, or those clients would wait."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, StopRequest):
+                _acknowledge(item)
+            elif item is not None:  # None: shutdown()'s wake-up
+                _send_error(item, message)
 
     def _fail_all(self, message: str) -> None:
         for engine_id, request in list(self._active.items()):
             self.engine.cancel(engine_id)
             self._release(request)
-            try:
-                request.send_error(message)
-            except Exception:
-                log.exception("could not send the error response")
+            _send_error(request, message)
         self._active.clear()
         if self.engine.has_work():
             self.engine.step()  # applies the cancellations and frees their caches
@@ -193,3 +216,17 @@ class Scheduler:
                 lora_evictions_total=self.lora_cache.stats.evictions,
             )
         )
+
+
+def _send_error(request: ScheduledRequest, message: str) -> None:
+    try:
+        request.send_error(message)
+    except Exception:
+        log.exception("request %s: could not send the error response", request.client_request_id)
+
+
+def _acknowledge(stop: StopRequest) -> None:
+    try:
+        stop.acknowledge()
+    except Exception:
+        log.exception("the stop request for %s could not be acknowledged", stop.client_request_id)
