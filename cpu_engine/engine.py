@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from cpu_engine.errors import EngineOverloaded, RequestTooLarge
+from cpu_engine.errors import EngineError, EngineOverloaded, RequestTooLarge
 from cpu_engine.kv_cache import KVTokenBudget, SequenceKVCache
 from cpu_engine.model import LlamaModel, Segment
 from cpu_engine.sampling import log_softmax_at
@@ -230,14 +230,22 @@ class Engine:
         """Run requests to completion (all submitted at once) and collect their outputs."""
         results: dict[str, GenerationResult] = {}
         requests = list(requests)
-        for request in requests:  # all checked before any is queued: a bad one leaves nothing behind
+        for request in requests:  # all checked before any is queued
             self.check(request)
-        for request in requests:
-            self.submit(request)
-            results[request.request_id] = GenerationResult()
+        try:
+            for request in requests:
+                self.submit(request)
+                results[request.request_id] = GenerationResult()
+        except (EngineError, ValueError):
+            # A full wait queue or an id used twice: the ones already queued are taken back (none has started),
+            # so a refused batch leaves nothing behind.
+            self.waiting = deque(r for r in self.waiting if r.request_id not in results)
+            raise
         while self.has_work():
             for event in self.step():
-                result = results[event.request_id]
+                result = results.get(event.request_id)
+                if result is None:  # someone else's request, submitted directly
+                    continue
                 result.token_ids.extend(event.token_ids)
                 result.log_probs.extend(event.log_probs)
                 if event.finish_reason is not None:

@@ -98,6 +98,18 @@ def test_an_invalid_request_in_generate_queues_none_of_them(checkpoint: Path) ->
     assert len(engine.generate([good])["good"].token_ids) == 4
 
 
+def test_a_batch_refused_while_queueing_leaves_nothing_behind(checkpoint: Path) -> None:
+    """A full wait queue or an id used twice is only found while queueing: what was queued is taken back."""
+    engine = Engine.from_checkpoint(checkpoint, EngineLimits(max_queue_size=2))
+    with pytest.raises(EngineOverloaded, match="wait queue is full"):
+        engine.generate(GenerationRequest(f"r{i}", (5, 6), 4, GREEDY) for i in range(3))
+    assert not engine.has_work()
+    with pytest.raises(ValueError, match="already in use"):
+        engine.generate([GenerationRequest("same", (5, 6), 4, GREEDY), GenerationRequest("same", (5, 6), 4, GREEDY)])
+    assert not engine.has_work()
+    assert len(engine.generate([GenerationRequest("same", (5, 6), 4, GREEDY)])["same"].token_ids) == 4
+
+
 def test_duplicate_request_id_is_refused(checkpoint: Path) -> None:
     engine = Engine.from_checkpoint(checkpoint)
     engine.submit(GenerationRequest("same", (5, 6), 4, GREEDY))
