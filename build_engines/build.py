@@ -76,11 +76,19 @@ def repository_settings(plan: BuildPlan) -> RepositorySettings:
         batch_scheduler_policy=target.batch_scheduler_policy,
         kv_cache_free_gpu_mem_fraction=target.kv_cache_free_gpu_mem_fraction,
         enable_chunked_context=target.enable_chunked_context,
+        preprocessing_instance_count=GPU_PREPROCESSING_INSTANCES,
         # Every image enters the prompt as the same placeholder ids (vocab_size + row), so KV-cache reuse would
         # match two different images' blocks as one prefix; TensorRT-LLM 0.14 has no per-request extra ids to
         # tell them apart, so reuse stays off for vision-language models.
         enable_kv_cache_reuse=target.enable_kv_cache_reuse and not plan.model.accepts_images,
     )
+
+
+# Tokenizing prompts (and, for vision models, running the image encoder) in parallel on a GPU host's CPUs: one
+# Python instance would serialize every request's way in ahead of an engine that batches hundreds. NVIDIA's
+# model-configuration guide advises more than one. Postprocessing stays one instance and batches instead
+# (its config.pbtxt), which keeps each stream's pieces in order.
+GPU_PREPROCESSING_INSTANCES = 4
 
 
 def _toml_string(value: str) -> str:

@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from build_engines.build import MANIFEST_FILE, REGISTRY_ENTRY_FILE, build
+from build_engines.build import GPU_PREPROCESSING_INSTANCES, MANIFEST_FILE, REGISTRY_ENTRY_FILE, build
 from build_engines.cli import main as build_engines_main
 from build_engines.targets import TARGETS_FILE, TargetCatalog, TargetError, load_targets
 from build_engines.tiny_checkpoints import TokenizerStyle, write_tiny_checkpoint
@@ -68,6 +68,9 @@ def _check_dry_run(checkpoint: Path, target_name: str, out: Path) -> None:
     assert trt.parameters["gpt_model_path"].string_value == str(plan.engine_dir) == flags["--output_dir"]
     assert trt.parameters["batch_scheduler_policy"].string_value == target.batch_scheduler_policy
     assert trt.parameters["enable_kv_cache_reuse"].string_value == str(target.enable_kv_cache_reuse).lower()
+    assert configs[t.PREPROCESSING].instance_group[0].count == GPU_PREPROCESSING_INSTANCES
+    postprocessing = configs[t.POSTPROCESSING]  # one instance, batching: streamed pieces stay in order
+    assert postprocessing.instance_group[0].count == 1 and postprocessing.HasField("dynamic_batching")
     entry = tomllib.loads(result.registry_entry.read_text())["models"][0]
     assert entry["context_length"] == plan.max_seq_len == int(flags["--max_seq_len"])
     assert entry["generation_model"] == t.TENSORRT_LLM
