@@ -89,6 +89,8 @@ def ensemble_request(
     """The ensemble request; a custom model's adapter goes as its task id, plus `lora_tensors` when given
     (the first request to a server, and again when the server no longer has it cached)."""
     builder = _RequestBuilder(ensemble, request_id)
+    for name in GATEWAY_OUTPUTS:  # only what the gateway reads: the exact bytes, not the lossy text too
+        builder.request.outputs.add(name=name)
     builder.add_bytes(t.TEXT_INPUT, [plan.prompt.encode("utf-8")])
     builder.add(t.MAX_TOKENS, plan.max_tokens, "INT32")
     builder.add(t.STREAM, True, "BOOL")
@@ -149,6 +151,9 @@ def stop_request(generation_model: str, request_id: str) -> service_pb2.ModelInf
     return builder.request
 
 
+GATEWAY_OUTPUTS = (t.TEXT_BYTES_OUTPUT, t.OUTPUT_TOKEN_COUNT)
+
+
 def read_chunk(response: service_pb2.ModelInferResponse) -> Chunk:
     data = b""
     tokens = 0
@@ -156,16 +161,9 @@ def read_chunk(response: service_pb2.ModelInferResponse) -> Chunk:
         if index >= len(response.raw_output_contents):
             break
         raw = response.raw_output_contents[index]
-        if output.name == t.TEXT_OUTPUT:
-            data = _first_bytes_element(raw)
+        if output.name == t.TEXT_BYTES_OUTPUT:
+            data = raw  # uint8: the bytes themselves
         elif output.name == t.OUTPUT_TOKEN_COUNT:
             tokens = sum(struct.unpack(f"<{len(raw) // 4}i", raw))
     final = response.parameters["triton_final_response"].bool_param
     return Chunk(data=data, tokens=tokens, final=final)
-
-
-def _first_bytes_element(raw: bytes) -> bytes:
-    if len(raw) < 4:
-        return b""
-    (length,) = struct.unpack_from("<I", raw, 0)
-    return raw[4 : 4 + length]

@@ -94,9 +94,9 @@ class StreamingClient:
                 continue
             response = result.get_response()
             completion = results[response.id]
-            text = result.as_numpy(t.TEXT_OUTPUT)
-            if text is not None:
-                completion.pieces.extend(bytes(x) for x in text.reshape(-1))
+            data = result.as_numpy(t.TEXT_BYTES_OUTPUT)
+            if data is not None:
+                completion.pieces.append(data.tobytes())
             count = result.as_numpy(t.OUTPUT_TOKEN_COUNT)
             if count is not None:
                 completion.token_counts.append(int(count.reshape(-1)[0]))

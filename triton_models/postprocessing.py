@@ -1,8 +1,9 @@
-"""Triton Python model `postprocessing`: this response's new token ids → their exact bytes, and counts.
+"""Triton Python model `postprocessing`: this response's new token ids → their exact bytes, its text, and counts.
 
-Stateless on purpose (it may run as several instances and sees one response at a time): each token
-maps to the bytes it adds to the text (see token_bytes.py), so the pieces of a stream concatenate to
-exactly the text of the same request without streaming. Consumers decode the bytes incrementally.
+Stateless on purpose (it sees one response at a time): each token maps to the bytes it adds to the text (see
+token_bytes.py), so the pieces of a stream concatenate to exactly the text of the same request without
+streaming. Consumers of the bytes decode them incrementally; the text output is those bytes decoded on their
+own (valid UTF-8, for Triton's generate endpoints and NVIDIA-style clients).
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ class TritonPythonModel:
                 ids = tokens[(0,) * (tokens.ndim - 1)]  # first request of the batch, first beam
                 if lengths is not None and lengths.size:
                     ids = ids[: int(lengths.reshape(-1)[0])]
-                text = self.token_bytes.join([int(i) for i in ids])
+                data = self.token_bytes.join([int(i) for i in ids])
+                # Decoded on its own for clients that need valid text; a character split across responses
+                # becomes U+FFFD there, never in the exact bytes beside it.
+                text = data.decode("utf-8", errors="replace").encode("utf-8")
                 outputs = [
                     tensor(t.POST_OUTPUT, np.array([[text]], dtype=object)),
+                    tensor(t.POST_OUTPUT_BYTES, np.frombuffer(data, dtype=np.uint8).reshape(1, -1)),
                     tensor(t.POST_OUTPUT_TOKEN_COUNT, np.array([[len(ids)]], dtype=np.int32)),
                 ]
                 for source, target in (

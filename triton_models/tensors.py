@@ -43,7 +43,12 @@ LORA_TASK_ID: Final = "lora_task_id"  # uint64
 LORA_WEIGHTS: Final = "lora_weights"  # float16 [rows, width]
 LORA_CONFIG: Final = "lora_config"  # int32 [rows, 3]: module id, layer, rank
 
-TEXT_OUTPUT: Final = "text_output"  # the bytes of this response's new tokens (decode UTF-8 incrementally)
+# This response's new tokens as text: valid UTF-8 (what Triton's generate_stream puts in JSON and NVIDIA's own
+# postprocessing returns), so a character split across two responses shows as U+FFFD in each.
+TEXT_OUTPUT: Final = "text_output"
+# The exact bytes those tokens add to the text (uint8): the pieces of a stream concatenate to the text of the
+# same request without streaming; consumers decode UTF-8 incrementally (the gateway reads only this).
+TEXT_BYTES_OUTPUT: Final = "text_output_bytes"
 OUTPUT_TOKEN_COUNT: Final = "output_token_count"  # new tokens in this response, for usage
 CUM_LOG_PROBS: Final = "cum_log_probs"
 OUTPUT_LOG_PROBS: Final = "output_log_probs"
@@ -104,6 +109,7 @@ ENCODER_OUT_TABLE: Final = "OUT_PROMPT_EMBEDDING_TABLE"  # [images * tokens per 
 POST_TOKENS_BATCH: Final = "TOKENS_BATCH"
 POST_SEQUENCE_LENGTH: Final = "SEQUENCE_LENGTH"
 POST_OUTPUT: Final = "OUTPUT"
+POST_OUTPUT_BYTES: Final = "OUTPUT_BYTES"
 POST_OUTPUT_TOKEN_COUNT: Final = "OUTPUT_TOKEN_COUNT"
 POST_CUM_LOG_PROBS: Final = "CUM_LOG_PROBS"
 POST_OUTPUT_LOG_PROBS: Final = "OUTPUT_LOG_PROBS"

@@ -3,12 +3,15 @@ prompt or nothing to generate is an error, never a stream without its final resp
 
 from __future__ import annotations
 
+import json
 import shutil
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from build_engines.repository import RepositorySettings, render_repository
 from build_engines.tiny_checkpoints import TokenizerStyle
@@ -62,3 +65,48 @@ def test_echo_streams_the_prompt_back_and_ends(echo: str) -> None:
 def test_nothing_to_echo_is_an_error_with_an_end(echo: str, prompt: list[int], output_len: int, message: str) -> None:
     tokens, error = _echo(echo, prompt, output_len)
     assert tokens == [] and error is not None and message in error
+
+
+@pytest.fixture(scope="module")
+def echo_ensemble(
+    tiny_checkpoints: dict[TokenizerStyle, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedTriton]:
+    """The whole ensemble with the echo model generating: the output is the prompt's own tokens."""
+    root = tmp_path_factory.mktemp("echo-ensemble")
+    settings = RepositorySettings(
+        checkpoint_dir=str(tiny_checkpoints[TokenizerStyle.BYTE_BPE]), generation_model=t.ECHO_LLM
+    )
+    with EmbeddedTriton(render_repository(settings, root / "repository"), log_path=root / "triton.log") as server:
+        yield server
+
+
+def test_generate_stream_answers_valid_json_when_characters_span_tokens(
+    echo_ensemble: EmbeddedTriton, tiny_checkpoints: dict[TokenizerStyle, Path]
+) -> None:
+    """Byte-level tokens split CJK and emoji: each streamed event is still valid UTF-8 JSON (text_output is
+    valid text, as NVIDIA's postprocessing gives), and text_output_bytes concatenates to the exact text."""
+    prompt = "日本 😀 café"
+    tokenizer = Tokenizer.from_file(str(tiny_checkpoints[TokenizerStyle.BYTE_BPE] / "tokenizer.json"))
+    tokens = len(tokenizer.encode(prompt, add_special_tokens=False).ids)
+    assert tokens > len(prompt)  # characters do span tokens
+    events = []
+    for stream in (True, False):
+        body = json.dumps({"text_input": prompt, "max_tokens": tokens, "stream": stream}).encode()
+        endpoint = "generate_stream" if stream else "generate"
+        request = urllib.request.Request(
+            f"{echo_ensemble.http_url}/v2/models/{t.ENSEMBLE}/{endpoint}", data=body,
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=60) as response:
+            raw = response.read()
+        lines = [line[len(b"data: ") :] for line in raw.splitlines() if line.startswith(b"data: ")] if stream else [raw]
+        events.append([json.loads(line.decode("utf-8")) for line in lines])  # strict UTF-8, valid JSON
+    streamed, whole = events
+    assert len(streamed) > 1
+    assert b"".join(_json_bytes(event[t.TEXT_BYTES_OUTPUT]) for event in streamed).decode("utf-8") == prompt
+    assert whole[0][t.TEXT_OUTPUT] == prompt and _json_bytes(whole[0][t.TEXT_BYTES_OUTPUT]).decode("utf-8") == prompt
+
+
+def _json_bytes(value: int | list[int]) -> bytes:
+    """Triton's generate endpoints give a one-element tensor as a bare number, a longer one as a list."""
+    return bytes([value] if isinstance(value, int) else value)

@@ -89,6 +89,7 @@ def test_ensemble_speaks_the_names_clients_of_nvidias_ensemble_use() -> None:
     }  # fmt: skip
     assert {o.name for o in config.output} == {
         t.TEXT_OUTPUT,
+        t.TEXT_BYTES_OUTPUT,
         t.OUTPUT_TOKEN_COUNT,
         t.CUM_LOG_PROBS,
         t.OUTPUT_LOG_PROBS,
