@@ -86,6 +86,7 @@ class GatewaySettings(BaseSettings):
     port: int = 8080
     request_timeout_s: Annotated[float, Field(gt=0)] = 300.0  # the whole request, streaming included; also the
     # cap on what a client may ask for with the x-request-timeout header
+    body_read_timeout_s: Annotated[float, Field(gt=0)] = 30.0  # the request body, within request_timeout_s
     # A streaming client that takes nothing for this long, with its buffers full, is cut off and its generation
     # stopped; what is buffered for one stream is bounded by stream_send_buffer_bytes (the socket's send
     # buffer) plus aiohttp's 64 KiB.

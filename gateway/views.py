@@ -11,7 +11,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.compression_utils import HAS_BROTLI
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
@@ -51,12 +53,27 @@ def _validation_error(error: ValidationError) -> InvalidRequest:
     return InvalidRequest(f"{location}: {message}", param=location)
 
 
+# What aiohttp decompresses (brotli only where a brotli module is installed).
+_BODY_ENCODINGS = frozenset({"identity", "gzip", "deflate"} | ({"br"} if HAS_BROTLI else set()))
+
+
 async def _read_request(request: web.Request) -> CompletionRequest:
     limit = request.app[SETTINGS].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         # Refused on the declared size, before reading any of it.
         raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
-    raw = await request.read()
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
+    if encoding not in _BODY_ENCODINGS:
+        # aiohttp would pass an encoding it does not know through as it is: refused by name instead.
+        raise InvalidRequest(
+            f"content-encoding '{encoding}' is not supported ({', '.join(sorted(_BODY_ENCODINGS))})",
+            param="content-encoding",
+        )
+    try:
+        raw = await request.read()
+    except RequestPayloadError:
+        what = "body" if encoding == "identity" else f"{encoding} body"
+        raise InvalidRequest(f"the {what} could not be decoded", param="content-encoding") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -118,13 +135,18 @@ class Deadline:
 async def create_completion(request: web.Request) -> web.StreamResponse:
     caller = request.app[AUTHENTICATOR].authenticate(request)  # 401 before the body is read
     # One deadline for the whole request, from its arrival: reading a body that trickles in counts against it.
-    timeout_s = _request_timeout(request, request.app[SETTINGS].request_timeout_s)
-    deadline = Deadline(timeout_s, asyncio.get_running_loop().time() + timeout_s)
+    settings = request.app[SETTINGS]
+    timeout_s = _request_timeout(request, settings.request_timeout_s)
+    now = asyncio.get_running_loop().time()
+    deadline = Deadline(timeout_s, now + timeout_s)
+    # The body gets less time than the generation: an upload that stalls (or whose chunked framing broke, which
+    # aiohttp leaves waiting for more) holds a connection for body_read_timeout_s, not for the whole deadline.
+    body_timeout_s = min(timeout_s, settings.body_read_timeout_s)
     try:
-        async with asyncio.timeout_at(deadline.at):
+        async with asyncio.timeout_at(now + body_timeout_s):
             body = await _read_request(request)
     except TimeoutError as error:
-        raise DeadlineExceeded(f"the request body did not arrive within the deadline of {timeout_s:g} s") from error
+        raise DeadlineExceeded(f"the request body did not arrive within {body_timeout_s:g} s") from error
     # In flight from here: a drain waits for completions, not for uploads that have not arrived.
     with request.app[LIFECYCLE].request():
         return await _create_completion(request, caller, body, deadline)
