@@ -59,13 +59,13 @@ async def plan_completion(
     if request.images and not model.entry.accepts_images:
         raise InvalidRequest(f"model '{model.entry.id}' does not accept images", param="images")
     images = await load_images([i.image_url for i in request.images], image_policy) if request.images else ()
-    return _plan(resolved, request, images)
+    return await _plan(resolved, request, images)
 
 
-def _plan(resolved: ResolvedModel, request: CompletionRequest, images: Sequence[Image]) -> GenerationPlan:
+async def _plan(resolved: ResolvedModel, request: CompletionRequest, images: Sequence[Image]) -> GenerationPlan:
     model = resolved.base
     parameters = request.model_parameters
-    prompt_tokens = model.count_prompt_tokens(request.prompt, len(images))
+    prompt_tokens = await model.count_prompt_tokens(request.prompt, len(images))
     if prompt_tokens == 0:  # e.g. only control characters the tokenizer drops: nothing to continue from
         raise InvalidRequest("the prompt has no tokens for this model's tokenizer", param="prompt")
     return GenerationPlan(
