@@ -2,7 +2,8 @@
 
 Token-id stop words miss a stop string that starts inside a token or that tokenizes differently in
 context, so the gateway enforces stop sequences on the decoded text: it holds back the longest tail that
-could still become a stop sequence, releases it once it cannot, and cuts the text at the first match.
+could still become a stop sequence, releases it once it cannot, and cuts the text at the first match: the
+stop sequence that completes first (the text up to its start is what the client gets).
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ class StopSequenceMatcher:
         if not self.stops:
             out, self.pending = self.pending, ""
             return out
-        first = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if first >= 0:
+        # The stop that completes first, as if the text arrived one character at a time (then the one that
+        # starts first): the same cut however the text is split into chunks.
+        matches = [(start + len(stop), start) for stop in self.stops if (start := self.pending.find(stop)) >= 0]
+        if matches:
+            _, first = min(matches)
             self.matched = True
             out, self.pending = self.pending[:first], ""
             return out
