@@ -89,8 +89,6 @@ def ensemble_request(
     """The ensemble request; a custom model's adapter goes as its task id, plus `lora_tensors` when given
     (the first request to a server, and again when the server no longer has it cached)."""
     builder = _RequestBuilder(ensemble, request_id)
-    for name in GATEWAY_OUTPUTS:  # only what the gateway reads: the exact bytes, not the lossy text too
-        builder.request.outputs.add(name=name)
     builder.add_bytes(t.TEXT_INPUT, [plan.prompt.encode("utf-8")])
     builder.add(t.MAX_TOKENS, plan.max_tokens, "INT32")
     builder.add(t.STREAM, True, "BOOL")
@@ -151,11 +149,11 @@ def stop_request(generation_model: str, request_id: str) -> service_pb2.ModelInf
     return builder.request
 
 
-GATEWAY_OUTPUTS = (t.TEXT_BYTES_OUTPUT, t.OUTPUT_TOKEN_COUNT)
-
-
 def read_chunk(response: service_pb2.ModelInferResponse) -> Chunk:
-    data = b""
+    """The response's exact bytes: text_output_bytes, or, from a repository rendered before that output existed
+    (not re-rendered since), text_output, which carried the exact bytes then."""
+    data: bytes | None = None
+    legacy = b""
     tokens = 0
     for index, output in enumerate(response.outputs):
         if index >= len(response.raw_output_contents):
@@ -163,7 +161,16 @@ def read_chunk(response: service_pb2.ModelInferResponse) -> Chunk:
         raw = response.raw_output_contents[index]
         if output.name == t.TEXT_BYTES_OUTPUT:
             data = raw  # uint8: the bytes themselves
+        elif output.name == t.TEXT_OUTPUT:
+            legacy = _first_bytes_element(raw)
         elif output.name == t.OUTPUT_TOKEN_COUNT:
             tokens = sum(struct.unpack(f"<{len(raw) // 4}i", raw))
     final = response.parameters["triton_final_response"].bool_param
-    return Chunk(data=data, tokens=tokens, final=final)
+    return Chunk(data=legacy if data is None else data, tokens=tokens, final=final)
+
+
+def _first_bytes_element(raw: bytes) -> bytes:
+    if len(raw) < 4:
+        return b""
+    (length,) = struct.unpack_from("<I", raw, 0)
+    return raw[4 : 4 + length]

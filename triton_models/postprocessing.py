@@ -1,9 +1,12 @@
-"""Triton Python model `postprocessing`: this response's new token ids → their exact bytes, its text, and counts.
+"""Triton Python model `postprocessing`: each response's new token ids → their exact bytes, its text, and counts.
 
-Stateless on purpose (it sees one response at a time): each token maps to the bytes it adds to the text (see
-token_bytes.py), so the pieces of a stream concatenate to exactly the text of the same request without
-streaming. Consumers of the bytes decode them incrementally; the text output is those bytes decoded on their
-own (valid UTF-8, for Triton's generate endpoints and NVIDIA-style clients).
+Stateless on purpose (each response is handled on its own, whatever else is in the batch): each token maps
+to the bytes it adds to the text (see token_bytes.py), so the pieces of a stream concatenate to exactly the
+text of the same request without streaming. Consumers of the bytes decode them incrementally; the text output
+is those bytes decoded on their own (valid UTF-8, for Triton's generate endpoints and NVIDIA-style clients).
+
+A repository rendered before OUTPUT_BYTES existed declares no such output: there OUTPUT keeps carrying the
+exact bytes, as it did then, so upgrading the image without re-rendering the repository changes nothing.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from triton_models.triton_io import error_response, optional_tensor, pb_utils, r
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
-        parameters = json.loads(args["model_config"])["parameters"]
-        self.token_bytes = TokenBytes.from_file(Path(parameters["checkpoint_dir"]["string_value"]) / "tokenizer.json")
+        config = json.loads(args["model_config"])
+        checkpoint = Path(config["parameters"]["checkpoint_dir"]["string_value"])
+        self.token_bytes = TokenBytes.from_file(checkpoint / "tokenizer.json")
+        self.bytes_output = any(output["name"] == t.POST_OUTPUT_BYTES for output in config["output"])
 
     def execute(self, requests: list[Any]) -> list[Any]:
         utils = pb_utils()
@@ -35,14 +40,15 @@ class TritonPythonModel:
                 if lengths is not None and lengths.size:
                     ids = ids[: int(lengths.reshape(-1)[0])]
                 data = self.token_bytes.join([int(i) for i in ids])
-                # Decoded on its own for clients that need valid text; a character split across responses
-                # becomes U+FFFD there, never in the exact bytes beside it.
-                text = data.decode("utf-8", errors="replace").encode("utf-8")
-                outputs = [
-                    tensor(t.POST_OUTPUT, np.array([[text]], dtype=object)),
-                    tensor(t.POST_OUTPUT_BYTES, np.frombuffer(data, dtype=np.uint8).reshape(1, -1)),
-                    tensor(t.POST_OUTPUT_TOKEN_COUNT, np.array([[len(ids)]], dtype=np.int32)),
-                ]
+                outputs = [tensor(t.POST_OUTPUT_TOKEN_COUNT, np.array([[len(ids)]], dtype=np.int32))]
+                if self.bytes_output:
+                    # Decoded on its own for clients that need valid text; a character split across responses
+                    # becomes U+FFFD there, never in the exact bytes beside it.
+                    text = data.decode("utf-8", errors="replace").encode("utf-8")
+                    outputs.append(tensor(t.POST_OUTPUT_BYTES, np.frombuffer(data, dtype=np.uint8).reshape(1, -1)))
+                else:
+                    text = data
+                outputs.append(tensor(t.POST_OUTPUT, np.array([[text]], dtype=object)))
                 for source, target in (
                     (t.POST_CUM_LOG_PROBS, t.POST_OUT_CUM_LOG_PROBS),
                     (t.POST_OUTPUT_LOG_PROBS, t.POST_OUT_OUTPUT_LOG_PROBS),
