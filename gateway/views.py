@@ -62,7 +62,11 @@ async def _read_request(request: web.Request) -> CompletionRequest:
     if request.content_length is not None and request.content_length > limit:
         # Refused on the declared size, before reading any of it.
         raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
-    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
+    # Every content-encoding line, as aiohttp's parser (which decodes by the last one) sees them: one, or none.
+    encodings = [value.strip().lower() for value in request.headers.getall(hdrs.CONTENT_ENCODING, [])]
+    if len(encodings) > 1 or any("," in value for value in encodings):
+        raise InvalidRequest("the body may have one content-encoding, not several", param="content-encoding")
+    encoding = encodings[0] if encodings and encodings[0] else "identity"
     if encoding not in _BODY_ENCODINGS:
         # aiohttp would pass an encoding it does not know through as it is: refused by name instead.
         raise InvalidRequest(
@@ -72,8 +76,9 @@ async def _read_request(request: web.Request) -> CompletionRequest:
     try:
         raw = await request.read()
     except RequestPayloadError:
-        what = "body" if encoding == "identity" else f"{encoding} body"
-        raise InvalidRequest(f"the {what} could not be decoded", param="content-encoding") from None
+        if encoding == "identity":  # cut short, or its chunked framing broke
+            raise InvalidRequest("the request body could not be read (incomplete or malformed)") from None
+        raise InvalidRequest(f"the {encoding} body could not be decoded", param="content-encoding") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -323,6 +323,10 @@ def test_engine_verification_knows_the_names_modelopt_records(tiny_long_context:
     plan, _ = _engine_config("h100", mistral, tmp_path / "b", pretrained_config__architecture="QWenForCausalLM")
     with pytest.raises(BuildFailed, match="architecture: engine 'QWenForCausalLM', target 'MistralForCausalLM'"):
         verify_engine(plan)  # type: ignore[arg-type]
+    # convert_checkpoint.py (every other quantization) records the Hugging Face name: nothing else passes there.
+    plan, _ = _engine_config("a10g", mistral, tmp_path / "c", pretrained_config__architecture="LlamaForCausalLM")
+    with pytest.raises(BuildFailed, match="architecture: engine 'LlamaForCausalLM', target 'MistralForCausalLM'"):
+        verify_engine(plan)  # type: ignore[arg-type]
 
 
 def test_lora_builds_plan_the_lora_plugin_and_configure_the_lora_cache(tiny_long_context: Path, tmp_path: Path) -> None:

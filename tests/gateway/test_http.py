@@ -194,6 +194,11 @@ def test_compressed_bodies_decode_or_get_a_400_naming_the_encoding(gateway: Runn
         assert headers["x-request-id"]
     status, _, answer = raw_post(gateway.url, "/v4/completions", b"Content-Encoding: foo\r\n", body)
     assert status == 400 and "content-encoding 'foo' is not supported" in answer["error"]["message"]
+    for headers in (b"Content-Encoding: identity\r\nContent-Encoding: gzip\r\n", b"Content-Encoding: gzip, br\r\n"):
+        status, _, answer = raw_post(gateway.url, "/v4/completions", headers, packed)
+        assert status == 400 and "one content-encoding, not several" in answer["error"]["message"], headers
+    status, _, answer = raw_post(gateway.url, "/v4/completions", b"Content-Encoding: \r\n", body)
+    assert status == 200  # an empty value is no encoding
 
 
 def test_an_upload_whose_chunked_framing_breaks_is_let_go(
