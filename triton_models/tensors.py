@@ -47,7 +47,8 @@ LORA_CONFIG: Final = "lora_config"  # int32 [rows, 3]: module id, layer, rank
 # postprocessing returns), so a character split across two responses shows as U+FFFD in each.
 TEXT_OUTPUT: Final = "text_output"
 # The exact bytes those tokens add to the text (uint8): the pieces of a stream concatenate to the text of the
-# same request without streaming; consumers decode UTF-8 incrementally (the gateway reads only this).
+# same request without streaming; consumers decode UTF-8 incrementally (the gateway does; it reads text_output
+# only from a repository rendered before this output existed, where text_output carried the exact bytes).
 TEXT_BYTES_OUTPUT: Final = "text_output_bytes"
 OUTPUT_TOKEN_COUNT: Final = "output_token_count"  # new tokens in this response, for usage
 CUM_LOG_PROBS: Final = "cum_log_probs"
