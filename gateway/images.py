@@ -127,10 +127,25 @@ def _check_image(index: int, data: bytes, declared: str, policy: ImagePolicy) ->
 # ---- fetching -------------------------------------------------------------------------------------------
 
 
+# IPv6 forms that carry an IPv4 address a gateway may reach through them: NAT64's well-known prefix (RFC 6052).
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address inside an IPv4-mapped, 6to4 or NAT64 address: judged as that address."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
 def _refusal_for(address: IpAddress, policy: ImagePolicy) -> str | None:
     """Why the gateway must not connect to this address, or None."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address) and (embedded := _embedded_ipv4(address)) is not None:
+        address = embedded
     if any(address in network for network in policy.allowed_networks):
         return None
     for kind, flagged in (
@@ -210,7 +225,10 @@ async def _fetch(index: int, url: str, policy: ImagePolicy) -> tuple[bytes, str]
                         location = response.headers.get("Location")
                         if not location:
                             raise ImageRefused(index, f"a redirect ({response.status}) without a Location")
-                        url = urljoin(url, location)
+                        try:
+                            url = urljoin(url, location)
+                        except ValueError:  # e.g. "http://[::1": the first URL is vetted for this, redirects too
+                            raise ImageRefused(index, f"a redirect to an unusable URL {location[:200]!r}") from None
                         continue
                     if response.status != 200:
                         raise ImageRefused(index, f"fetching it answered HTTP {response.status}")

@@ -90,7 +90,8 @@ def server() -> Iterator[ImageServer]:
         return web.Response(body=_png_bomb(100_000, 100_000), content_type="image/png")
 
     async def redirect(request: web.Request) -> web.Response:
-        raise web.HTTPFound(request.query["to"])
+        # The Location as given, parseable or not (HTTPFound would refuse a malformed one).
+        return web.Response(status=302, headers={"Location": request.query["to"]})
 
     app = web.Application(middlewares=[record])
     for path, handler in (("/image.png", image), ("/large", large), ("/slow", slow), ("/html", html),
@@ -132,6 +133,8 @@ def test_loopback_and_private_addresses_are_refused_by_default(server: ImageServ
         ("http://169.254.169.254/latest/meta-data", "link-local"),
         ("http://[::1]/x.png", "loopback"),
         ("http://[::ffff:127.0.0.1]/x.png", "loopback"),
+        ("http://[2002:7f00:1::]/x.png", "loopback"),  # 6to4 around 127.0.0.1
+        ("http://[64:ff9b::a9fe:a9fe]/x.png", "link-local"),  # NAT64 around 169.254.169.254
         ("http://0.0.0.0/x.png", "unspecified"),
     ):
         assert kind in _refusal(url, default), url
@@ -146,6 +149,8 @@ def test_a_redirect_to_a_refused_address_is_refused(server: ImageServer) -> None
     assert image.info.format == "png"
     loop_url = server.url("/redirect?to=/redirect%3Fto%3D/redirect%253Fto%253D/redirect%25253Fto%25253D/image.png")
     assert "more than 3 redirects" in _refusal(loop_url)
+    # A redirect to a URL that cannot be parsed (it was a 500, found by review).
+    assert "a redirect to an unusable URL 'http://[::1'" in _refusal(server.url("/redirect?to=http://%5B::1"))
 
 
 @pytest.mark.parametrize(
