@@ -127,6 +127,10 @@ class Scheduler:
             return
         self._active[request.generation.request_id] = request
 
+    def _retire(self, engine_id: str) -> None:
+        """The request is no longer the scheduler's to answer (finished, or ended): its adapter is released."""
+        self._release(self._active.pop(engine_id))
+
     def _release(self, request: ScheduledRequest) -> None:
         if request.lora is not None:
             self.lora_cache.release(request.lora.task_id)
@@ -148,8 +152,7 @@ class Scheduler:
             if request is None:
                 continue
             if event.finished:
-                del self._active[event.request_id]
-                self._release(request)
+                self._retire(event.request_id)
             try:
                 self._answer(request, event)
             except Exception as error:
@@ -157,8 +160,7 @@ class Scheduler:
                 # request alone: the other sequences of the batch go on.
                 log.exception("request %s: its response could not be sent; ending it", request.client_request_id)
                 if not event.finished:
-                    del self._active[event.request_id]
-                    self._release(request)
+                    self._retire(event.request_id)
                     self.engine.cancel(event.request_id)
                 _send_error(request, f"the response could not be sent: {error}")
 
