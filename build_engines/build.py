@@ -87,8 +87,8 @@ def repository_settings(plan: BuildPlan) -> RepositorySettings:
 # Tokenizing prompts in parallel on a GPU host's CPUs: one Python instance would serialize every request's way
 # in ahead of an engine that batches hundreds (images are decoded and encoded by multimodal_encoders, which
 # stays one instance). NVIDIA's
-# model-configuration guide advises more than one. Postprocessing stays one instance and batches instead
-# (its config.pbtxt), which keeps each stream's pieces in order.
+# model-configuration guide advises more than one. Postprocessing stays one instance, which keeps each
+# stream's pieces in order.
 GPU_PREPROCESSING_INSTANCES = 4
 
 
