@@ -5,6 +5,12 @@ to the bytes it adds to the text (see token_bytes.py), so the pieces of a stream
 text of the same request without streaming. Consumers of the bytes decode them incrementally; the text output
 is those bytes decoded on their own (valid UTF-8, for Triton's generate endpoints and NVIDIA-style clients).
 
+A checkpoint's other end ids end generation as stop words (special_ids.py), which TensorRT-LLM keeps in its output:
+such a token ending a response is left out (its bytes and its count), as the end id itself is. Whether the
+client named an end id of its own cannot reach this model (Triton 2.51 refuses an ensemble step fed by both
+a decoupled model and the ensemble's inputs), so a client that turned end ids off (end_id -1, straight to
+Triton; the gateway never does) does not get those tokens counted either; their bytes are empty anyway.
+
 A repository rendered before OUTPUT_BYTES existed declares no such output: there OUTPUT keeps carrying the
 exact bytes, as it did then, so upgrading the image without re-rendering the repository changes nothing.
 """
@@ -18,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from triton_models import tensors as t
+from triton_models.special_ids import SpecialIds
 from triton_models.token_bytes import TokenBytes
 from triton_models.triton_io import error_response, optional_tensor, pb_utils, required_tensor, tensor
 
@@ -28,6 +35,7 @@ class TritonPythonModel:
         checkpoint = Path(config["parameters"]["checkpoint_dir"]["string_value"])
         self.token_bytes = TokenBytes.from_file(checkpoint / "tokenizer.json")
         self.bytes_output = any(output["name"] == t.POST_OUTPUT_BYTES for output in config["output"])
+        self.stop_word_end_ids = frozenset(SpecialIds.from_checkpoint(checkpoint).stop_word_end_ids)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         utils = pb_utils()
@@ -39,6 +47,8 @@ class TritonPythonModel:
                 ids = tokens[(0,) * (tokens.ndim - 1)]  # first request of the batch, first beam
                 if lengths is not None and lengths.size:
                     ids = ids[: int(lengths.reshape(-1)[0])]
+                if ids.size and int(ids[-1]) in self.stop_word_end_ids:
+                    ids = ids[:-1]
                 data = self.token_bytes.join([int(i) for i in ids])
                 outputs = [tensor(t.POST_OUTPUT_TOKEN_COUNT, np.array([[len(ids)]], dtype=np.int32))]
                 if self.bytes_output:

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 from cpu_engine import ModelConfig
 from triton_models import tensors as t
 from triton_models.image_prompt import ImageSlots, expand_placeholders, place_images
+from triton_models.special_ids import SpecialIds
 from triton_models.triton_io import error_response, optional_tensor, output_dtype, pb_utils, scalar, strings, tensor
 from triton_models.word_lists import pack_word_lists
 
@@ -27,14 +28,7 @@ class TokenizerFacts:
 
     def __init__(self, checkpoint_dir: Path) -> None:
         self.tokenizer = Tokenizer.from_file(str(checkpoint_dir / "tokenizer.json"))
-        generation = _read_json(checkpoint_dir / "generation_config.json")
-        config = _read_json(checkpoint_dir / "config.json")
-        eos = generation.get("eos_token_id", config.get("eos_token_id"))
-        self.end_ids: list[int] = [eos] if isinstance(eos, int) else list(eos or [])
-        if not self.end_ids:
-            raise ValueError(f"{checkpoint_dir}: no eos_token_id in generation_config.json or config.json")
-        pad = generation.get("pad_token_id", config.get("pad_token_id"))
-        self.pad_id = int(pad) if pad is not None else self.end_ids[0]
+        self.special_ids = SpecialIds.from_checkpoint(checkpoint_dir)
         model = ModelConfig.from_checkpoint(checkpoint_dir)
         self.vocab_size = model.vocab_size  # the first prompt-table id
         self.images = ImageSlots.from_checkpoint(checkpoint_dir, self.tokenizer) if model.accepts_images else None
@@ -44,10 +38,6 @@ class TokenizerFacts:
 
     def encode_words(self, words: list[str]) -> list[list[int]]:
         return [list(self.tokenizer.encode(w, add_special_tokens=False).ids) for w in words if w]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def preprocess(
@@ -78,10 +68,12 @@ def preprocess(
             ids = expand_placeholders(ids, vision.image_token_id, vision.tokens_per_image, facts.vocab_size)
         elif vision.image_token_id in ids:
             raise ValueError(f"the prompt has {vision.placeholder} placeholders but the request has no images")
-    primary = facts.end_ids[0] if end_id is None else end_id
-    # TensorRT-LLM takes one end id; a checkpoint's other end ids must stop generation too (Llama 3's
-    # <|eot_id|> and <|end_of_text|>), so they become single-token stop words.
-    stop_ids = facts.encode_words(stop) + [[e] for e in facts.end_ids if e != primary]
+    special = facts.special_ids
+    primary = special.end_ids[0] if end_id is None else end_id
+    # Without an end id from the client, the checkpoint's other end ids stop generation too (special_ids.py).
+    # An end id the client gives is the client's alone, as in NVIDIA's preprocessing (-1: never stop at one).
+    extra_stops = [[e] for e in special.stop_word_end_ids] if end_id is None else []
+    stop_ids = facts.encode_words(stop) + extra_stops
     return {
         t.PRE_INPUT_ID: np.array(ids, dtype=np.int32),
         t.PRE_REQUEST_INPUT_LEN: np.array([len(ids)], dtype=np.int32),
@@ -136,7 +128,8 @@ class TritonPythonModel:
                     _image_bytes(request),
                     self._encode_images,
                 )
-                outputs[t.PRE_OUT_PAD_ID] = np.array([self.facts.pad_id if pad_id is None else pad_id], dtype=np.int32)
+                pad = self.facts.special_ids.pad_id if pad_id is None else pad_id
+                outputs[t.PRE_OUT_PAD_ID] = np.array([pad], dtype=np.int32)
                 if t.PRE_PROMPT_EMBEDDING_TABLE in outputs:
                     outputs[t.PRE_PROMPT_EMBEDDING_TABLE] = outputs[t.PRE_PROMPT_EMBEDDING_TABLE].astype(
                         self.table_dtype
