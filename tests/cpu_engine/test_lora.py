@@ -12,7 +12,9 @@ from tokenizers import Tokenizer
 
 from build_engines.tiny_checkpoints import TokenizerStyle
 from cpu_engine import CheckpointError, Engine, GenerationRequest, ModelConfig, SamplingParams
+from cpu_engine.kv_cache import SequenceKVCache
 from cpu_engine.lora import LoraAdapter, from_trtllm, load_peft_adapter, to_trtllm
+from cpu_engine.model import Segment
 from tests.hf_reference import hf_greedy
 from tests.peft_adapters import load_reference_with_adapter, write_random_adapter
 from tests.prompts import VARIED_PROMPTS
@@ -21,6 +23,10 @@ pytestmark = pytest.mark.transformers
 
 NEW_TOKENS = 24
 GREEDY = SamplingParams(temperature=0.0)
+# Adapters with large random updates flatten the distribution: two logits can differ by less than float32
+# summation order moves them (a 1-row and an 8-row product add in different orders). Seen on an AMD EPYC:
+# 25.4404 vs 25.4385 after 16 tokens. A wrong adapter on a row moves logits by whole units, from token one.
+NEAR_TIE = 0.01
 
 
 def _greedy(engine: Engine, prompts: list[list[int]], adapters: list[LoraAdapter | None]) -> list[list[int]]:
@@ -30,6 +36,27 @@ def _greedy(engine: Engine, prompts: list[list[int]], adapters: list[LoraAdapter
     ]
     results = engine.generate(requests)
     return [results[r.request_id].token_ids for r in requests]
+
+
+def _logits_after(engine: Engine, token_ids: list[int], adapter: LoraAdapter | None) -> np.ndarray:
+    cache = SequenceKVCache(engine.config, len(token_ids))
+    return engine.model.forward([Segment(cache, np.array(token_ids, dtype=np.int64), adapter)])[-1]
+
+
+def _assert_same_greedy_up_to_near_ties(
+    engine: Engine, prompts: list[list[int]], adapters: list[LoraAdapter | None],
+    got: list[list[int]], expected: list[list[int]],
+) -> None:  # fmt: skip
+    """Equal token for token, except that two runs may part at a step whose top two logits are a near tie
+    (after which nothing more can be compared)."""
+    for prompt, adapter, ours, theirs in zip(prompts, adapters, got, expected, strict=True):
+        step = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None)
+        if step is None:
+            assert len(ours) == len(theirs)
+            continue
+        logits = _logits_after(engine, prompt + theirs[:step], adapter)
+        gap = abs(float(logits[ours[step]]) - float(logits[theirs[step]]))
+        assert gap < NEAR_TIE, f"parted at step {step} on tokens {ours[step]} and {theirs[step]}, logit gap {gap}"
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +88,9 @@ def test_adapters_and_the_base_model_share_a_batch(
     prompts = [tokenizer.encode(VARIED_PROMPTS[i % 4]).ids for i in range(8)]
     adapters = [[first, second, None][i % 3] for i in range(8)]
     solo = [_greedy(reference_engine, [p], [a])[0] for p, a in zip(prompts, adapters, strict=True)]
-    assert _greedy(reference_engine, prompts, adapters) == solo
+    batched = _greedy(reference_engine, prompts, adapters)
+    _assert_same_greedy_up_to_near_ties(reference_engine, prompts, adapters, batched, solo)
+    assert sum(b == s for b, s in zip(batched, solo, strict=True)) >= 6  # ties are rare, not the rule
 
 
 def test_tiny_checkpoints_with_an_adapter_match_transformers_and_peft(
