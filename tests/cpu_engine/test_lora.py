@@ -74,7 +74,10 @@ def test_smollm2_with_an_adapter_matches_transformers_and_peft(
     adapter = load_peft_adapter(smollm_adapters[0], config)
     reference = load_reference_with_adapter(reference_checkpoint, smollm_adapters[0])
     expected = [hf_greedy(reference, p, NEW_TOKENS) for p in prompts]
-    assert _greedy(reference_engine, prompts, [adapter] * len(prompts)) == expected
+    ours = _greedy(reference_engine, prompts, [adapter] * len(prompts))
+    # torch and numpy sum in different orders too: the same near-tie allowance as for batching, below.
+    _assert_same_greedy_up_to_near_ties(reference_engine, prompts, [adapter] * len(prompts), ours, expected)
+    assert sum(a == b for a, b in zip(ours, expected, strict=True)) >= len(prompts) - 1
     base = _greedy(reference_engine, prompts, [None] * len(prompts))
     assert all(a != b for a, b in zip(expected, base, strict=True))  # the adapter really changes the output
 
