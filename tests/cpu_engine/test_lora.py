@@ -45,18 +45,21 @@ def _logits_after(engine: Engine, token_ids: list[int], adapter: LoraAdapter | N
 
 def _assert_same_greedy_up_to_near_ties(
     engine: Engine, prompts: list[list[int]], adapters: list[LoraAdapter | None],
-    got: list[list[int]], expected: list[list[int]],
+    got: list[list[int]], expected: list[list[int]], max_parted: int,
 ) -> None:  # fmt: skip
-    """Equal token for token, except that two runs may part at a step whose top two logits are a near tie
-    (after which nothing more can be compared)."""
+    """Equal token for token, except that at most `max_parted` runs may part from their expected tokens, each at
+    a step whose two candidates are a near tie (after which nothing more can be compared): ties are rare."""
+    parted = 0
     for prompt, adapter, ours, theirs in zip(prompts, adapters, got, expected, strict=True):
         step = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None)
         if step is None:
             assert len(ours) == len(theirs)
             continue
+        parted += 1
         logits = _logits_after(engine, prompt + theirs[:step], adapter)
         gap = abs(float(logits[ours[step]]) - float(logits[theirs[step]]))
         assert gap < NEAR_TIE, f"parted at step {step} on tokens {ours[step]} and {theirs[step]}, logit gap {gap}"
+    assert parted <= max_parted
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +77,10 @@ def test_smollm2_with_an_adapter_matches_transformers_and_peft(
     adapter = load_peft_adapter(smollm_adapters[0], config)
     reference = load_reference_with_adapter(reference_checkpoint, smollm_adapters[0])
     expected = [hf_greedy(reference, p, NEW_TOKENS) for p in prompts]
-    ours = _greedy(reference_engine, prompts, [adapter] * len(prompts))
+    adapters = [adapter] * len(prompts)
+    ours = _greedy(reference_engine, prompts, adapters)
     # torch and numpy sum in different orders too: the same near-tie allowance as for batching, below.
-    _assert_same_greedy_up_to_near_ties(reference_engine, prompts, [adapter] * len(prompts), ours, expected)
-    assert sum(a == b for a, b in zip(ours, expected, strict=True)) >= len(prompts) - 1
+    _assert_same_greedy_up_to_near_ties(reference_engine, prompts, adapters, ours, expected, max_parted=1)
     base = _greedy(reference_engine, prompts, [None] * len(prompts))
     assert all(a != b for a, b in zip(expected, base, strict=True))  # the adapter really changes the output
 
@@ -92,8 +95,7 @@ def test_adapters_and_the_base_model_share_a_batch(
     adapters = [[first, second, None][i % 3] for i in range(8)]
     solo = [_greedy(reference_engine, [p], [a])[0] for p, a in zip(prompts, adapters, strict=True)]
     batched = _greedy(reference_engine, prompts, adapters)
-    _assert_same_greedy_up_to_near_ties(reference_engine, prompts, adapters, batched, solo)
-    assert sum(b == s for b, s in zip(batched, solo, strict=True)) >= 6  # ties are rare, not the rule
+    _assert_same_greedy_up_to_near_ties(reference_engine, prompts, adapters, batched, solo, max_parted=2)
 
 
 def test_tiny_checkpoints_with_an_adapter_match_transformers_and_peft(
