@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 
 from benchmarks.bench_gateway import load, via_gateway  # noqa: E402
+from benchmarks.process_cpu import cpu_seconds  # noqa: E402
 from build_engines.reference_model import ensure_reference_checkpoint  # noqa: E402
 from build_engines.repository import RepositorySettings, render_repository  # noqa: E402
 from tests.gateway_process import TomlValue, model_table, start_logged  # noqa: E402
@@ -48,12 +48,6 @@ def start_gateway(
         settings["ledger_dsn"] = ledger
     model = model_table(MODEL, checkpoint, [server.grpc_url], generation_model=t.ECHO_LLM)
     return start_logged(workdir, [model], **settings)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (less noisy than throughput on a shared machine)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def drive(url: str, pid: int, args: argparse.Namespace) -> tuple[float, float, float]:
