@@ -36,10 +36,10 @@ import numpy as np  # noqa: E402
 import tritonclient.grpc.aio as grpcaio  # noqa: E402
 
 from benchmarks.minimal_proxy import READY_LINE  # noqa: E402
-from benchmarks.process_cpu import cpu_seconds, tree_cpu_seconds  # noqa: E402
 from build_engines.reference_model import ensure_reference_checkpoint  # noqa: E402
 from build_engines.repository import RepositorySettings, render_repository  # noqa: E402
 from tests.gateway_process import model_table, start_logged  # noqa: E402
+from tests.processes import cpu_seconds, tree_cpu_seconds  # noqa: E402
 from tests.triton_client import infer_input  # noqa: E402
 from triton_models import tensors as t  # noqa: E402
 from triton_models.launcher import EmbeddedTriton, free_port  # noqa: E402

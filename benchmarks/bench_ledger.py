@@ -24,11 +24,11 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 
 from benchmarks.bench_gateway import load, via_gateway  # noqa: E402
-from benchmarks.process_cpu import cpu_seconds  # noqa: E402
 from build_engines.reference_model import ensure_reference_checkpoint  # noqa: E402
 from build_engines.repository import RepositorySettings, render_repository  # noqa: E402
 from tests.gateway_process import TomlValue, model_table, start_logged  # noqa: E402
 from tests.postgres_server import PostgresServer, PostgresUnavailable  # noqa: E402
+from tests.processes import cpu_seconds  # noqa: E402
 from tests.triton_client import metric_value  # noqa: E402
 from triton_models import tensors as t  # noqa: E402
 from triton_models.launcher import EmbeddedTriton  # noqa: E402

@@ -16,6 +16,7 @@ import pytest
 
 from tests.gateway.conftest import MODEL
 from tests.gateway_process import model_table, serve, wait_ready, write_config
+from tests.processes import descendants
 from tests.prompts import VARIED_PROMPTS
 from tests.sse import sse_events
 from triton_models.launcher import EmbeddedTriton, free_port
@@ -36,17 +37,8 @@ def _rss_mib(pids: list[int]) -> float:
 
 
 def _process_group(leader: int) -> list[int]:
-    """The Triton server and its model stub processes (children of it)."""
-    pids = [leader]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == leader:
-                pids.append(int(entry.name))
-    return pids
+    """The Triton server and its model stub processes (below it)."""
+    return [leader, *descendants(leader)]
 
 
 @dataclass

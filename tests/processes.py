@@ -1,5 +1,5 @@
-"""CPU time of processes, read from /proc (Linux): what a benchmark's parts cost per request, which is less
-noisy than throughput on a shared machine."""
+"""Processes as /proc (Linux) shows them: the tree below a process (tritonserver and its model stubs), and CPU
+time, what a benchmark's parts cost per request (less noisy than throughput on a shared machine)."""
 
 from __future__ import annotations
 
