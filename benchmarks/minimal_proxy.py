@@ -1,6 +1,7 @@
 """The least an aiohttp front end to Triton can do per request, as a floor for `bench_gateway.py`: read the
 JSON body, send the ensemble request on the gateway's own gRPC leg (`TritonEndpoint.stream`, the same
-channel options and request tensors) and write each response as an SSE event in the gateway's shape.
+channel options and request tensors) and write each response as an SSE event carrying what the benchmark
+reads from the gateway's events (the text, then the usage at the end; the spec's other fields are left out).
 
 Nothing else: no validation, token counting, admission, stop sequences, deadlines, metrics, logs or usage
 ledger. Not a server to use; it shows what the architecture (a Python process between the client and
